@@ -1,0 +1,48 @@
+"""Joining or starting Ray with a CPU budget that lets every stage run.
+
+On a 2-core machine with `num_cpus=2`, a tokenizer actor pool of 2 x 1 CPU left Ray
+Data's read tasks no CPU and the stream stalled forever (STACK-NOTES). Logical CPUs are
+reservations, not cores, so a local cluster declares more of them than there are cores:
+two training workers, the tokenizer actors and the read tasks all fit, and the OS
+shares the real cores between them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import ray
+
+LOCAL_CPU_FACTOR = 2  # logical CPUs per physical core on a local cluster
+MIN_LOCAL_CPUS = 4
+
+
+def local_cpu_budget() -> int:
+    return max(MIN_LOCAL_CPUS, (os.cpu_count() or 1) * LOCAL_CPU_FACTOR)
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, **kwargs: Any) -> dict:
+    """Join a running cluster (RAY_ADDRESS, `ray job submit`, or `address`), else start one.
+
+    Returns the cluster's resources. Idempotent: a second call returns the same.
+    """
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs.setdefault("log_to_driver", True)
+    kwargs.setdefault("configure_logging", True)
+    kwargs.setdefault("logging_level", "WARNING")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Workers must import this project: ship the repo root on their path.
+        repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = kwargs.pop("runtime_env", None) or {}
+        env_vars = dict(env.get("env_vars", {}))
+        path = os.environ.get("PYTHONPATH")
+        env_vars.setdefault("PYTHONPATH", repo_root + (os.pathsep + path if path else ""))
+        env["env_vars"] = env_vars
+        ray.init(num_cpus=num_cpus or local_cpu_budget(), include_dashboard=False,
+                 runtime_env=env, **kwargs)
+    return ray.cluster_resources()

@@ -1,0 +1,44 @@
+"""Train (or load) the code tokenizer.
+
+The course reuses GPT-2's tokenizer retrained on CodeSearchNet; here nothing can be
+downloaded, so the job trains its own byte-level BPE with the `tokenizers` library on a
+sample of the training split. Byte-level means every byte sequence is encodable: no
+unknown tokens, whitespace and indentation survive a round trip exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int = 128) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE whose single special token is bos, eos and pad."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=True)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
+                                  pad_token=EOS, unk_token=EOS, model_max_length=context_length)
+    return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer at {path} has no eos token; the chunker needs one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
