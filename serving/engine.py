@@ -1,0 +1,296 @@
+"""The generation engine: one batched, KV-cached decode loop with per-request sampling.
+
+Why not `model.generate`: HF's `generate` applies one temperature / top-p / top-k and one
+global RNG to the whole batch. A server batches requests that disagree on all of those, and
+"same prompt + same seed + same parameters gives the same completion" must hold whatever
+else shares the batch. So this loop does what `generate` does for a decoder-only model
+(left padding, position ids from the attention mask, a DynamicCache, one forward pass per
+step for the whole batch) and samples each row with its own parameters and its own RNG.
+Rows that finish are dropped from the batch and the cache, so a long request does not make
+short ones pay for its steps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+REQUIRED_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is missing or is not a Hugging Face model folder."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (validated at the HTTP layer, re-checked here)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+
+@dataclass
+class Delta:
+    """What one request got from one decode step: new text, and the verdict once it is done."""
+
+    text: str
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "length" | "stop" | "eos"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: bool = False
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: bool
+
+
+@dataclass
+class _Row:
+    """Decode state of one request inside a running batch."""
+
+    params: SamplingParams
+    prompt_tokens: int
+    truncated: bool
+    rng: random.Random
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the completion already handed out
+    done: bool = False
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """Fail early, naming the folder, when it is not a safetensors HF model + tokenizer."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} is not a folder")
+    missing = [f for f in REQUIRED_FILES if not (p / f).is_file()]
+    if "model.safetensors" in missing and any(p.glob("model-*.safetensors")):
+        missing.remove("model.safetensors")  # sharded safetensors are fine
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer.json")
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} is not a model folder: missing {', '.join(missing)} "
+            "(expected the training job's OUTPUT/model/: config.json, model.safetensors, tokenizer files)"
+        )
+    return p
+
+
+def set_torch_threads(num_threads: Optional[int]) -> int:
+    """Use the cores a replica was given; intra-op threads beyond real cores only thrash."""
+    n = num_threads or int(os.environ.get("SERVE_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+class Engine:
+    """Tokenizer + causal LM from a Hugging Face folder, served batch by batch."""
+
+    def __init__(self, checkpoint: str | os.PathLike, num_threads: Optional[int] = None,
+                 model_name: Optional[str] = None):
+        path = check_checkpoint(checkpoint)
+        set_torch_threads(num_threads)
+        self.path = path
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # use_safetensors=True: never fall back to unpickling a .bin file.
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+        self.model.eval()
+        self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
+        self.pad_token_id: int = self.tokenizer.pad_token_id
+        cfg = self.model.config
+        self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
+        # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
+        self.model_name = model_name or (path.parent.name if path.name == "model" and path.parent.name else path.name)
+
+    # ---- prompt handling -------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
+        """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit."""
+        if not 1 <= max_new_tokens <= self.context_length - 1:
+            raise ValueError(f"max_new_tokens must be in [1, {self.context_length - 1}]")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        budget = self.context_length - max_new_tokens
+        if len(ids) > budget:
+            return ids[-budget:], True
+        if not ids:  # only possible for "" which the API rejects; keep the loop well-defined
+            ids = [self.eos_token_id if self.eos_token_id is not None else self.pad_token_id]
+        return ids, False
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # ---- the decode loop -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def stream_batch(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> Iterator[list[Optional[Delta]]]:
+        """Yield, once per decode step, one entry per request: its new Delta or None.
+
+        None means "nothing new this step" (text held back, or the request already ended).
+        Each request ends with exactly one Delta whose `finished` is True.
+        """
+        assert len(prompts) == len(params) and prompts
+        rows: list[_Row] = []
+        encoded: list[list[int]] = []
+        for prompt, p in zip(prompts, params):
+            ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
+            seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**63)
+            rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, rng=random.Random(seed)))
+            encoded.append(ids)
+
+        # Left padding: every row's last prompt token sits in the last column, so one
+        # logits slice serves the whole batch and new tokens append in lock step.
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[i, width - len(ids):] = 1
+        # Positions count real tokens only, so a padded row sees what it would see alone.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+
+        active = list(range(len(rows)))  # batch row -> request index
+        cache = DynamicCache(config=self.model.config)
+        while active:
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                             cache=cache, use_cache=True)
+            cache = out.cache
+            logits = out.logits[:, -1, :].float()
+            next_ids = self._sample(logits, [rows[r] for r in active])
+
+            step: list[Optional[Delta]] = [None] * len(rows)
+            keep: list[int] = []
+            for b, r in enumerate(active):
+                delta = self._advance(rows[r], next_ids[b])
+                step[r] = delta
+                if not rows[r].done:
+                    keep.append(b)
+            yield step
+
+            if len(keep) < len(active):  # drop finished rows from the batch and the cache
+                if not keep:
+                    break
+                idx = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(idx)
+                attention = attention[idx]
+                positions = positions[idx]
+                next_tok = torch.tensor([next_ids[b] for b in keep], dtype=torch.long)
+                active = [active[b] for b in keep]
+            else:
+                next_tok = torch.tensor(next_ids, dtype=torch.long)
+            input_ids = next_tok[:, None]
+            attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+        """Next token per row: argmax for temperature 0, else top-k / top-p sampling with the row's RNG."""
+        choice = logits.argmax(dim=-1).tolist()
+        sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
+        if not sampled:
+            return choice
+        idx = torch.tensor(sampled)
+        temps = torch.tensor([rows[b].params.temperature for b in sampled], dtype=torch.float32)
+        sorted_logits, order = torch.sort(logits[idx] / temps[:, None], dim=-1, descending=True)
+        vocab = sorted_logits.shape[-1]
+        ranks = torch.arange(vocab)[None, :]
+        top_k = torch.tensor([rows[b].params.top_k or vocab for b in sampled])
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        top_p = torch.tensor([rows[b].params.top_p for b in sampled], dtype=torch.float32)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before >= top_p[:, None], 0.0)
+        cdf = probs.double().cumsum(dim=-1)
+        # One uniform draw per row from the row's own RNG: independent of the batch.
+        u = torch.tensor([rows[b].rng.random() for b in sampled], dtype=torch.float64) * cdf[:, -1]
+        pos = torch.searchsorted(cdf, u[:, None], right=True)
+        # Kept tokens are a prefix of the sorted order; rounding must not step past it.
+        last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
+        pos = torch.minimum(pos, last_kept)
+        picked = order.gather(1, pos).squeeze(1).tolist()
+        for j, b in enumerate(sampled):
+            choice[b] = picked[j]
+        return choice
+
+    def _advance(self, row: _Row, token: int) -> Optional[Delta]:
+        """Append a token to a row; return the text it may release now, and the verdict if done."""
+        p = row.params
+        reason: Optional[str] = None
+        if self.eos_token_id is not None and token == self.eos_token_id:
+            reason = "eos"  # the eos token itself is not part of the completion
+        else:
+            row.tokens.append(token)
+        text = self._decode(row.tokens)
+        if p.stop:
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and len(row.tokens) >= p.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            row.done = True
+            new, row.emitted = text[row.emitted:], len(text)
+            return Delta(new, True, reason, row.prompt_tokens, len(row.tokens), row.truncated)
+        # Hold back what may still change: a half-decoded UTF-8 character, or a tail that
+        # could be the start of a stop string (the client must never see a stop string).
+        safe = len(text)
+        while safe > row.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        held = text[:safe]
+        for s in p.stop:
+            for k in range(min(len(s) - 1, len(held)), 0, -1):
+                if held.endswith(s[:k]):
+                    safe = min(safe, len(held) - k)
+                    break
+        if safe <= row.emitted:
+            return None
+        new, row.emitted = text[row.emitted:safe], safe
+        return Delta(new)
+
+    # ---- conveniences ----------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Completion]:
+        """Run a batch to the end and collect each request's completion."""
+        texts = [""] * len(prompts)
+        final: list[Optional[Delta]] = [None] * len(prompts)
+        for step in self.stream_batch(prompts, params):
+            for i, d in enumerate(step):
+                if d is not None:
+                    texts[i] += d.text
+                    if d.finished:
+                        final[i] = d
+        out = []
+        for t, d in zip(texts, final):
+            assert d is not None
+            out.append(Completion(t, d.finish_reason or "length", d.prompt_tokens, d.completion_tokens, d.truncated))
+        return out
+
+    def complete(self, prompt: str, **kw) -> Completion:
+        return self.generate([prompt], [SamplingParams(**kw)])[0]
+
+    def warmup(self) -> float:
+        """One short generation so the first real request does not pay for lazy init."""
+        t = time.perf_counter()
+        self.complete("def", max_new_tokens=2)
+        return time.perf_counter() - t
