@@ -1,0 +1,334 @@
+"""The data stage: `prepare_data(cfg)` and `chunk_dataset(...)`.
+
+    corpus -> read (+ bad-input checks) -> [quality] -> [keywords] -> split -> [dedup]
+           -> tokenize + chunk (actor pool) -> Parquet shards under OUTPUT/data/{train,valid}
+
+Everything that can fail on bad input (the corpus, the valid corpus, the tokenizer
+folder) is checked on the driver before Ray starts. The per-file stages are plain
+task-pool `map_batches` with the same CPU request as the tokenizer actors, so Ray Data
+fuses them into the actors: a file is read, filtered and tokenized in one process and
+only the chunks travel through the object store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from training.config import ConfigError, DataConfig, JobConfig
+from training.data import sources, split as splitting
+from training.data.chunking import MODES, TokenizeStage
+from training.data.filters import content_hash, keep_filters, keyword_stage, quality_stage, dedup_stage
+from training.data.stats import Ledger, fingerprint, one_line, read_stats, summarize, write_stats
+
+# Config fields that change the chunks. tokenizer_actors and batch_rows only change speed
+# (and, in pack mode, where chunk boundaries fall), so a rerun with other values reuses.
+_SPEED_ONLY = ("tokenizer_actors", "batch_rows")
+
+
+@dataclass
+class PreparedData:
+    root: Path
+    tokenizer_dir: Path
+    train_dir: Path
+    valid_dir: Path
+    stats_path: Path
+    stats: dict = field(default_factory=dict)
+    reused: bool = False
+
+
+def layout(output: str | Path) -> PreparedData:
+    root = Path(output)
+    return PreparedData(root=root, tokenizer_dir=root / "tokenizer", train_dir=root / "data" / "train",
+                        valid_dir=root / "data" / "valid", stats_path=root / "data" / "stats.json")
+
+
+# ---- the stage ------------------------------------------------------------------------
+
+
+def prepare_data(cfg: JobConfig) -> PreparedData:
+    """Tokenizer + train/valid chunks under cfg.output, or reuse them if already there."""
+    d = cfg.data
+    check_data_config(d)
+    out = layout(cfg.output)
+    corpus = sources.resolve_corpus(d.corpus, "data.corpus", d.max_files)
+    valid = sources.resolve_corpus(d.valid_corpus, "data.valid_corpus", d.max_files) if d.valid_corpus else None
+    if d.tokenizer is not None and not (Path(d.tokenizer) / "tokenizer.json").is_file() \
+            and not (Path(d.tokenizer) / "tokenizer_config.json").is_file():
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: no tokenizer.json or tokenizer_config.json in that folder")
+    fp = data_fingerprint(d, corpus, valid)
+
+    old = read_stats(out.stats_path)
+    if old and old.get("fingerprint") == fp and out.train_dir.is_dir() \
+            and (out.tokenizer_dir / "tokenizer.json").is_file():
+        out.stats, out.reused = old, True
+        print(f"data: reusing {out.stats_path} (same data config and corpus)", flush=True)
+        return out
+
+    t0 = time.time()
+    for stale in (out.train_dir, out.valid_dir, out.root / "data" / "_staging", out.stats_path):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    tok_seconds = prepare_tokenizer(d, corpus, out.tokenizer_dir)
+
+    from training.ray_utils import init_ray
+
+    init_ray()
+    ledger = Ledger.remote()
+    ds = build_chunks([(corpus, None if valid is None else splitting.TRAIN)]
+                      + ([(valid, splitting.VALID)] if valid is not None else []),
+                      out.tokenizer_dir, d, ledger=ledger, keep_split=True)
+    write_splits(ds, out)
+    counts = ray_get_counts(ledger)
+    stats = summarize(counts, d.context_length, d.chunking)
+    stats.update(fingerprint=fp, corpus=corpus.describe(), valid_corpus=valid.describe() if valid else None,
+                 tokenizer=d.tokenizer or "trained", vocab_size=_vocab_size(out.tokenizer_dir),
+                 filters={"dedup": d.dedup, "quality_filter": d.quality_filter, "keywords": list(d.keywords)},
+                 tokenizer_seconds=round(tok_seconds, 2), seconds=round(time.time() - t0, 2))
+    _check_written(stats, out)
+    if stats["chunks_train"] == 0:
+        raise ConfigError(f"data.corpus={d.corpus!r}: no full {d.context_length}-token chunk in the training split "
+                          f"({stats['files_read']} files read, skipped: {stats['files_skipped']}); "
+                          f"use a bigger corpus, --chunking pack or a smaller --context-length")
+    write_stats(out.stats_path, stats)
+    out.stats = stats
+    print(one_line(stats), flush=True)
+    return out
+
+
+def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: DataConfig,
+                  split: str = "all") -> Any:
+    """The same reading, filtering and chunking as training, as a lazy Ray Dataset of
+    input_ids/labels (for perplexity on a held-out corpus). Ray must be initialised."""
+    if split not in ("train", "valid", "all"):
+        raise ConfigError(f"split={split!r}: must be train, valid or all")
+    check_data_config(data_cfg)
+    c = sources.resolve_corpus(corpus, "data.corpus", data_cfg.max_files)
+    ledger = Ledger.remote() if data_cfg.dedup else None
+    return build_chunks([(c, None)], Path(tokenizer_dir), data_cfg, ledger=ledger, keep_split=False,
+                        only_split=None if split == "all" else split)
+
+
+def check_data_config(d: DataConfig) -> None:
+    """What prepare_data relies on; the CLI's validate() checks the same, but this is also
+    called from Python."""
+    if d.chunking not in MODES:
+        raise ConfigError(f"data.chunking={d.chunking!r}: must be one of {', '.join(MODES)}")
+    for name in ("context_length", "batch_rows", "tokenizer_actors", "max_file_bytes", "tokenizer_train_files"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"data.{name}={getattr(d, name)!r}: must be >= 1")
+    if not 0.0 <= d.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction={d.valid_fraction!r}: must be in [0, 1)")
+
+
+def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sources.Corpus]) -> str:
+    parts = {k: v for k, v in vars(d).items() if k not in _SPEED_ONLY}
+    parts["corpus"] = sources.corpus_identity(corpus)
+    parts["valid_corpus"] = sources.corpus_identity(valid) if valid else None
+    if d.tokenizer:
+        tj = Path(d.tokenizer) / "tokenizer.json"
+        parts["tokenizer_file"] = fingerprint({"bytes": tj.read_bytes().hex()}) if tj.is_file() else d.tokenizer
+    return fingerprint(parts)
+
+
+# ---- tokenizer ------------------------------------------------------------------------
+
+
+def prepare_tokenizer(d: DataConfig, corpus: sources.Corpus, tokenizer_dir: Path) -> float:
+    """Load `data.tokenizer` or train one on the training split; save it under
+    tokenizer_dir either way, so the run folder is self-contained. Returns seconds."""
+    from training.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    t0 = time.time()
+    if d.tokenizer is not None:
+        try:
+            tok = load_tokenizer(d.tokenizer)
+        except Exception as e:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r}: cannot load: {e}") from None
+        if not tok.is_fast:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r}: needs a fast (tokenizer.json) tokenizer")
+    else:
+        texts = tokenizer_sample(d, corpus)
+        if not texts:
+            raise ConfigError(f"data.corpus={d.corpus!r}: no usable training file to train the tokenizer on")
+        tok = train_tokenizer(texts, vocab_size=d.vocab_size, context_length=d.context_length)
+    if Path(d.tokenizer or "").resolve() != tokenizer_dir.resolve():
+        save_tokenizer(tok, tokenizer_dir)
+    return time.time() - t0
+
+
+def tokenizer_sample(d: DataConfig, corpus: sources.Corpus) -> list[str]:
+    """Up to tokenizer_train_files training-split files that pass the filters.
+
+    Folder files are visited in the order of their split hash, a fixed pseudo-random
+    order, so the sample is spread over the whole tree rather than its first letters."""
+    if corpus.kind == "folder":
+        root = Path(corpus.root)
+        files = sorted(corpus.files, key=lambda f: splitting.key_fraction(Path(f).relative_to(root).as_posix()))
+        corpus = sources.Corpus("folder", corpus.location, corpus.field, tuple(files), corpus.root)
+    texts, seen = [], set()
+    for path, text in sources.iter_texts(corpus, d.max_file_bytes):
+        if keep_filters(text, d.quality_filter, d.keywords):
+            continue
+        key = content_hash(text) if d.dedup else path
+        if d.valid_corpus is None and splitting.split_of(key, d.valid_fraction) != splitting.TRAIN:
+            continue
+        if d.dedup:
+            if key in seen:
+                continue
+            seen.add(key)
+        texts.append(text)
+        if len(texts) >= d.tokenizer_train_files:
+            break
+    return texts
+
+
+def eos_id_of(tokenizer_dir: Path) -> int:
+    """The eos id without importing transformers: tokenizer_config.json names the token,
+    tokenizer.json maps it to an id."""
+    from tokenizers import Tokenizer
+
+    cfg_file = tokenizer_dir / "tokenizer_config.json"
+    eos: Any = json.loads(cfg_file.read_text()).get("eos_token") if cfg_file.is_file() else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos_id = tok.token_to_id(eos or "<|endoftext|>")
+    if eos_id is None:
+        raise ConfigError(f"data.tokenizer={str(tokenizer_dir)!r}: has no end-of-text token ({eos!r})")
+    return eos_id
+
+
+def _vocab_size(tokenizer_dir: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+
+
+# ---- the Ray Data graph ---------------------------------------------------------------
+
+
+def cpu_plan(actors: int) -> tuple[float, float]:
+    """(CPUs per tokenizer actor, CPUs per write task) on the cluster Ray is joined to.
+
+    Logical CPUs are reservations: if the actors took them all, Ray Data would never
+    schedule a write (or read) task and the stream would stall (STACK-NOTES: 2 x 1-CPU
+    actors on num_cpus=2 hung forever). So the actors together take at most what leaves
+    one task's worth free."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    per_actor = min(1.0, total / (actors + 1))
+    return per_actor, per_actor
+
+
+def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_dir: Path, d: DataConfig,
+                 ledger: Any = None, keep_split: bool = True, only_split: Optional[str] = None) -> Any:
+    """The lazy Dataset of chunks. inputs: (corpus, forced split or None for the hash split)."""
+    import ray
+
+    actors = d.tokenizer_actors
+    actor_cpus, _ = cpu_plan(actors)
+    stage = {"batch_format": "pyarrow", "num_cpus": actor_cpus}  # same args => fused into the actors
+    parts = [_rows(c, d, ledger, stage).map_batches(
+        assign_split, batch_size=d.batch_rows, fn_kwargs={"valid_fraction": d.valid_fraction, "forced": forced,
+                                                          "by_content": d.dedup, "only": only_split}, **stage)
+             for c, forced in inputs]
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    if d.quality_filter:
+        ds = ds.map_batches(quality_stage, batch_size=d.batch_rows, fn_kwargs={"ledger": ledger}, **stage)
+    if d.keywords:
+        ds = ds.map_batches(keyword_stage, batch_size=d.batch_rows,
+                            fn_kwargs={"keywords": list(d.keywords), "ledger": ledger}, **stage)
+    if d.dedup:
+        ds = ds.map_batches(dedup_stage, batch_size=d.batch_rows, fn_kwargs={"ledger": ledger}, **stage)
+    threads = max(1, (os.cpu_count() or 1) // actors)
+    return ds.map_batches(
+        TokenizeStage, batch_size=d.batch_rows, batch_format="pyarrow", num_cpus=actor_cpus,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
+                               "context_length": d.context_length, "mode": d.chunking,
+                               "eos_id": eos_id_of(tokenizer_dir), "threads": threads,
+                               "ledger": ledger, "keep_split": keep_split})
+
+
+def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
+    """A corpus as a Dataset of checked (path, content) rows."""
+    import ray
+
+    if c.kind == "folder":
+        root = Path(c.root)
+        items = [{"file": f, "path": Path(f).relative_to(root).as_posix()} for f in c.files]
+        # One block per batch: small files would otherwise become one read task each.
+        blocks = max(1, min(len(items), math.ceil(len(items) / d.batch_rows)))
+        return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            sources.read_py_batch, batch_size=d.batch_rows,
+            fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)
+    if c.kind == "table":
+        items = [{"file": f, "row_group": rg} for f, rg in c.units]
+        raw = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            sources.read_table_units, batch_size=1, fn_kwargs={"batch_rows": d.batch_rows},
+            batch_format="pyarrow")
+    else:
+        raw = ray.data.from_huggingface(sources.load_hub(c, d.max_files))
+    if d.max_files and c.kind == "table":
+        raw = raw.limit(d.max_files)
+    return raw.map_batches(sources.table_stage, batch_size=d.batch_rows,
+                           fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)
+
+
+def assign_split(batch: pa.Table, valid_fraction: float, forced: Optional[str], by_content: bool,
+                 only: Optional[str]) -> pa.Table:
+    """Add `split` (and `content_hash` when dedup is on); drop rows outside `only`."""
+    texts = batch.column("content").to_pylist()
+    hashes = [content_hash(t) for t in texts] if by_content else None
+    keys = hashes if by_content else batch.column("path").to_pylist()
+    splits = [forced or splitting.split_of(k, valid_fraction) for k in keys]
+    out = batch.append_column("split", pa.array(splits, pa.string()))
+    if hashes is not None:
+        out = out.append_column("content_hash", pa.array(hashes, pa.string()))
+    if only is not None:
+        out = out.filter(pa.array([s == only for s in splits]))
+    return out
+
+
+# ---- writing --------------------------------------------------------------------------
+
+
+def write_splits(ds: Any, out: PreparedData) -> None:
+    """One streaming execution writes both splits (hive-partitioned by `split`), then the
+    partition folders are renamed to train/ and valid/."""
+    staging = out.root / "data" / "_staging"
+    _, write_cpus = cpu_plan(1)
+    ds.write_parquet(str(staging), partition_cols=["split"], ray_remote_args={"num_cpus": write_cpus})
+    for name, dest in ((splitting.TRAIN, out.train_dir), (splitting.VALID, out.valid_dir)):
+        src = staging / f"split={name}"
+        if src.is_dir():
+            os.replace(src, dest)
+        else:
+            dest.mkdir(parents=True, exist_ok=True)  # an empty split is an empty folder
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def ray_get_counts(ledger: Any) -> dict[str, int]:
+    import ray
+
+    return ray.get(ledger.get.remote())
+
+
+def _check_written(stats: dict, out: PreparedData) -> None:
+    """The ledger's chunk counts must equal the rows in the shards on disk."""
+    import pyarrow.parquet as pq
+
+    for split, folder in (("train", out.train_dir), ("valid", out.valid_dir)):
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+        if rows != stats[f"chunks_{split}"]:
+            raise RuntimeError(f"data stage: {rows} {split} chunks on disk, ledger counted {stats[f'chunks_{split}']}"
+                               " (a retried task counted twice?)")
