@@ -71,7 +71,8 @@ class _Row:
     prompt_tokens: int
     truncated: bool
     rng: random.Random
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the completion's tokens (eos excluded)
+    generated: int = 0  # tokens sampled, eos included: what usage reports, as vLLM does
     emitted: int = 0  # characters of the completion already handed out
     done: bool = False
 
@@ -237,6 +238,7 @@ class Engine:
         """Append a token to a row; return the text it may release now, and the verdict if done."""
         p = row.params
         reason: Optional[str] = None
+        row.generated += 1
         if self.eos_token_id is not None and token == self.eos_token_id:
             reason = "eos"  # the eos token itself is not part of the completion
         else:
@@ -246,12 +248,12 @@ class Engine:
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
-        if reason is None and len(row.tokens) >= p.max_new_tokens:
+        if reason is None and row.generated >= p.max_new_tokens:
             reason = "length"
         if reason is not None:
             row.done = True
             new, row.emitted = text[row.emitted:], len(text)
-            return Delta(new, True, reason, row.prompt_tokens, len(row.tokens), row.truncated)
+            return Delta(new, True, reason, row.prompt_tokens, row.generated, row.truncated)
         # Hold back what may still change: a half-decoded UTF-8 character, or a tail that
         # could be the start of a stop string (the client must never see a stop string).
         safe = len(text)

@@ -1,0 +1,125 @@
+"""The FastAPI app in-process (a real Engine behind LocalBackend, no Ray): routes, errors, auth.
+
+The same app runs inside the Serve replica; tests/test_serving.py checks it there over real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api import build_app
+from app.schemas import MAX_BODY_BYTES
+from serving.engine import Engine
+from serving.local import LocalBackend
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint) -> Engine:
+    return Engine(tiny_checkpoint, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(engine) -> TestClient:
+    return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
+
+
+def sse_events(text: str) -> list:
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+            for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_complete_matches_engine(client, engine):
+    r = client.post("/complete", json={"prompt": "def f(x):", "max_new_tokens": 12})
+    assert r.status_code == 200
+    body = r.json()
+    ref = engine.complete("def f(x):", max_new_tokens=12)
+    assert body == {"completion": ref.text, "finish_reason": ref.finish_reason, "truncated": False,
+                    "usage": {"prompt_tokens": ref.prompt_tokens, "completion_tokens": ref.completion_tokens},
+                    "model": engine.model_name}
+
+
+def test_complete_stream_events(client, engine):
+    r = client.post("/complete", json={"prompt": "import os\n", "max_new_tokens": 10, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and "finish_reason" in events[-2]
+    text = "".join(e["text"] for e in events[:-1])
+    assert text == events[-2]["completion"] == engine.complete("import os\n", max_new_tokens=10).text
+
+
+def test_openai_completions_shape(client, engine):
+    r = client.post("/v1/completions", json={"model": engine.model_name, "prompt": ["a", "b"], "n": 2,
+                                              "max_tokens": 5, "temperature": 0.8, "seed": 1})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["completion_tokens"] <= 20
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == engine.model_name and models["data"][0]["max_model_len"] == 128
+
+
+def test_openai_stream_with_usage(client, engine):
+    r = client.post("/v1/completions", json={"model": engine.model_name, "prompt": "x", "max_tokens": 6,
+                                              "temperature": 0, "stream": True,
+                                              "stream_options": {"include_usage": True}})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] >= 1
+    assert events[-3]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == engine.complete("x", max_new_tokens=6).text
+
+
+@pytest.mark.parametrize("path, kwargs, status, field", [
+    ("/complete", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "body"),
+    ("/complete", {"content": b'{"prompt": "x"}', "headers": {"content-type": "text/plain"}}, 415, "body"),
+    ("/complete", {"json": ["prompt"]}, 422, "body"),
+    ("/complete", {"content": b"", "headers": {"content-type": "application/json"}}, 400, "body"),
+    ("/complete", {"json": {"prompt": ""}}, 422, "prompt"),
+    ("/complete", {"json": {"prompt": "x", "max_new_tokens": 128}}, 422, "max_new_tokens"),
+    ("/complete", {"json": {"prompt": "x", "temperature": "warm"}}, 422, "temperature"),
+    ("/complete", {"json": {"prompt": "x", "bogus": 1}}, 422, "bogus"),
+    ("/complete", {"json": {"prompt": "x" * (MAX_BODY_BYTES + 1)}}, 413, "body"),
+    ("/v1/completions", {"json": {"model": "other", "prompt": "x"}}, 404, "model"),
+    ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "echo": True}}, 400, "echo"),
+    ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "max_tokens": 500}}, 422, "max_tokens"),
+])
+def test_bad_requests_are_4xx_naming_the_field(client, engine, path, kwargs, status, field):
+    if "json" in kwargs and isinstance(kwargs["json"], dict) and kwargs["json"].get("model") == "MODEL":
+        kwargs = {"json": {**kwargs["json"], "model": engine.model_name}}
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["field"] == field == err["param"] and err["code"] == status and err["message"]
+
+
+def test_chunked_body_over_the_cap_is_413(client):
+    def chunks():
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+    r = client.post("/complete", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+
+def test_unknown_route_and_method_are_json_4xx(client):
+    assert client.get("/nope").json()["error"]["code"] == 404
+    r = client.get("/complete")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+def test_auth_on_guards_all_but_health(engine):
+    c = TestClient(build_app(LocalBackend(engine), api_key="s3cret"))
+    assert c.get("/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        r = c.post("/complete", json={"prompt": "x", "max_new_tokens": 1}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["field"] == "authorization"
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/models", headers=headers).status_code == 401
+    ok = {"Authorization": "Bearer s3cret"}
+    assert c.post("/complete", json={"prompt": "x", "max_new_tokens": 1}, headers=ok).status_code == 200
+    assert c.get("/v1/models", headers=ok).status_code == 200

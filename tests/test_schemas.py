@@ -1,0 +1,78 @@
+"""Request models: strict types, ranges, unknown fields, OpenAI's neutral-only fields."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.schemas import MAX_PROMPT_CHARS, CompleteRequest, CompletionRequest
+
+
+def field_of(exc: ValidationError) -> str:
+    return str(exc.errors()[0]["loc"][0])
+
+
+def test_defaults():
+    r = CompleteRequest(prompt="def f(")
+    assert (r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop, r.seed, r.stream) == (64, 0.0, 1.0, 0, [], None, False)
+    o = CompletionRequest(model="m", prompt="x")
+    assert (o.max_tokens, o.temperature, o.n, o.stops(), o.prompts()) == (16, 1.0, 1, [], ["x"])
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+    ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": "8"}, "max_new_tokens"),  # no string -> int coercion
+    ({"prompt": "x", "max_new_tokens": 8.0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),
+    ({"prompt": "x", "temperature": -0.1}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "stop": "abc"}, "stop"),  # /complete takes a list, like TGI
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "seed": "1"}, "seed"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "max_token": 5}, "max_token"),  # typo: unknown field
+])
+def test_complete_request_rejects(body, field):
+    with pytest.raises(ValidationError) as e:
+        CompleteRequest.model_validate(body)
+    assert field_of(e.value) == field
+
+
+def test_complete_request_accepts_int_for_float():
+    assert CompleteRequest.model_validate({"prompt": "x", "temperature": 1, "top_p": 1}).temperature == 1.0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x"}, "model"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": ["a", ""]}, "prompt"),
+    ({"model": "m", "prompt": [1, 2]}, "prompt"),  # token-id prompts are not supported
+    ({"model": "m", "prompt": "x", "n": 0}, "n"),
+    ({"model": "m", "prompt": "x", "n": 99}, "n"),
+    ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
+    ({"model": "m", "prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+    ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
+    ({"model": "m", "prompt": "x", "functions": []}, "functions"),
+])
+def test_completion_request_rejects(body, field):
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate(body)
+    assert field_of(e.value) == field
+
+
+def test_openai_neutral_fields():
+    ok = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "stop": "\n", "echo": False,
+                                           "logprobs": None, "frequency_penalty": 0, "user": "u"})
+    assert ok.unsupported() is None and ok.stops() == ["\n"] and ok.prompts() == ["a", "b"]
+    assert CompletionRequest(model="m", prompt="x", echo=True).unsupported() == "echo"
+    assert CompletionRequest(model="m", prompt="x", logprobs=3).unsupported() == "logprobs"
+    assert CompletionRequest(model="m", prompt="x", presence_penalty=0.5).unsupported() == "presence_penalty"
