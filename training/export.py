@@ -1,0 +1,96 @@
+"""Ray Train checkpoint -> a servable Hugging Face folder, and the run's summary.
+
+The checkpoint may live on this machine or in cloud storage (`--storage-path s3://...`):
+`Checkpoint.as_directory()` gives a local folder either way (a download when remote), so
+the export never assumes the driver shares a disk with the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+HF_SUBDIR = "checkpoint"  # RayTrainReportCallback.CHECKPOINT_NAME
+
+
+def pick_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
+    """The kept checkpoint with the lowest eval loss (ties: the later step), else the latest."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and "eval_loss" in m]
+    if scored:
+        return min(scored, key=lambda cm: (float(cm[1]["eval_loss"]), -int(cm[1].get("step", 0))))
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint: nothing to export")
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write config.json + model.safetensors (+ generation config) + the tokenizer to out_dir."""
+    from transformers import AutoModelForCausalLM
+
+    from training.tokenizer import load_tokenizer
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    with checkpoint.as_directory() as d:
+        src = Path(d) / HF_SUBDIR
+        if not (src / "config.json").is_file():
+            raise RuntimeError(f"checkpoint {checkpoint.path} has no Hugging Face model under {HF_SUBDIR}/")
+        model = AutoModelForCausalLM.from_pretrained(str(src))
+    model.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
+    return out
+
+
+def smoke_generate(model_dir: str | Path, prompt: str = "def fibonacci(n):\n", max_new_tokens: int = 24) -> str:
+    """Load the folder the way a user will (pipeline) and complete a prompt: proves it serves."""
+    from transformers import pipeline
+
+    gen = pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+    out = gen(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0]["generated_text"]
+
+
+def summarize(events: list[dict[str, Any]], *, workers: int, device: str, zero_stage: int,
+              max_steps: int, tokens_per_step: int, wall_s: float,
+              exported: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """run.json: what ran, how fast, how well. Built from metrics.jsonl's events."""
+    logs = [e for e in events if e.get("event") == "log"]
+    train_losses = [e for e in logs if "loss" in e]
+    eval_losses = [e for e in logs if "eval_loss" in e]
+    attempts = [e for e in events if e.get("event") == "attempt_start"]
+    ends = [e for e in events if e.get("event") == "attempt_end"]
+    final_step = max([int(e["step"]) for e in logs + ends] or [0])
+    train_seconds = sum(float(e["seconds"]) for e in ends)
+    trained_tokens = sum(int(e["tokens"]) for e in ends)
+    final_eval = eval_losses[-1]["eval_loss"] if eval_losses else None
+    return {
+        "workers": workers,
+        "device": device,
+        "zero_stage": zero_stage,
+        "steps": final_step,
+        "max_steps": max_steps,
+        "tokens_per_step": tokens_per_step,
+        "train_tokens": final_step * tokens_per_step,
+        # tokens computed in the (last pieces of the) attempts that ended cleanly, over their time
+        "tokens_per_s": round(trained_tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "final_train_loss": train_losses[-1]["loss"] if train_losses else None,
+        "final_eval_loss": final_eval,
+        "final_eval_perplexity": math.exp(min(final_eval, 50.0)) if final_eval is not None else None,
+        "attempts": [{"start_step": int(a["start_step"])} for a in attempts],
+        # the step the last attempt started from: > 0 after a restart or --resume
+        "resumed_from_step": int(attempts[-1]["start_step"]) if attempts else 0,
+        "train_seconds": round(train_seconds, 3),
+        "wall_time_s": round(wall_s, 3),
+        "exported": exported or {},
+    }
+
+
+def write_json(path: str | Path, obj: dict[str, Any]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    return p
