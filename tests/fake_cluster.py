@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -33,6 +34,7 @@ import yaml
 from ray_cluster import REPO_ROOT, LocalRayHead, free_port
 
 FAKE_CONFIG = REPO_ROOT / "configs" / "cluster" / "fake-local.yaml"
+PUBLISH = REPO_ROOT / "deploy" / "publish_cluster_config.py"
 WORKER_TYPE = "ray.worker.cpu"
 
 
@@ -40,7 +42,8 @@ class FakeAutoscalingCluster(LocalRayHead):
     """A 0-CPU head whose autoscaler adds 1-CPU fake worker nodes on demand."""
 
     def __init__(self, max_workers: int = 2, worker_cpus: int = 1,
-                 idle_timeout_minutes: Optional[float] = None, env: Optional[dict[str, str]] = None):
+                 idle_timeout_minutes: Optional[float] = None, env: Optional[dict[str, str]] = None,
+                 publish_config: bool = True):
         # The autoscaler polls every second instead of every 5: nodes come sooner.
         super().__init__(num_cpus=0, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                                           **(env or {})})
@@ -55,6 +58,7 @@ class FakeAutoscalingCluster(LocalRayHead):
         if idle_timeout_minutes is not None:
             cfg["idle_timeout_minutes"] = idle_timeout_minutes
         self.config = cfg
+        self.publish_config = publish_config
         self.config_path = Path(self.temp_dir) / "autoscaling.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         # The head's dashboard agent listens on 52365 unless told otherwise; when another
@@ -71,13 +75,22 @@ class FakeAutoscalingCluster(LocalRayHead):
         # monitor a moment later): wait for its first status report.
         while time.time() < deadline:
             if "Monitor: Started" in self.monitor_log():
-                return self
-            if self.proc is not None and self.proc.poll() is not None:
                 break
+            if self.proc is not None and self.proc.poll() is not None:
+                deadline = 0
             time.sleep(0.5)
-        log = self.log.read_text()[-3000:] + self.monitor_log()[-3000:]
-        self.stop()
-        raise RuntimeError(f"autoscaler did not start:\n{log}")
+        else:
+            log = self.log.read_text()[-3000:] + self.monitor_log()[-3000:]
+            self.stop()
+            raise RuntimeError(f"autoscaler did not start:\n{log}")
+        if self.publish_config:
+            # What raycluster.yaml's head runs after `ray start`: jobs learn the ceiling.
+            r = subprocess.run([sys.executable, str(PUBLISH), str(self.config_path), "--address", self.address],
+                               capture_output=True, text=True, env=self.env, timeout=120)
+            if r.returncode != 0:
+                self.stop()
+                raise RuntimeError(f"publish_cluster_config failed:\n{r.stdout}{r.stderr[-3000:]}")
+        return self
 
     def stop(self) -> None:
         super().stop()

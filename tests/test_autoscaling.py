@@ -27,6 +27,8 @@ def where():
     time.sleep(2)  # overlap, so the two tasks cannot share one 1-CPU node
     return ray.get_runtime_context().get_node_id()
 print("NODES=" + json.dumps(sorted(set(ray.get([where.remote(), where.remote()])))))
+from ray._private.state import state  # the ceiling deploy/publish_cluster_config.py published
+print("MAX=" + json.dumps(state.get_max_resources_from_cluster_config()))
 """
 
 
@@ -59,10 +61,12 @@ def test_autoscaler_adds_worker_nodes_for_a_submitted_job(autoscaling_cluster):
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in out, out[-3000:]
 
-    ran_on = json.loads(re.search(r"NODES=(\[.*\])", out).group(1))
+    ran_on = json.loads(re.search(r"^NODES=(\[.*\])$", out, re.M).group(1))
     assert len(ran_on) == 2, f"the two tasks shared a node: {ran_on}"
     assert not set(ran_on) & set(head), "a task ran on the 0-CPU head"
     workers = {n["node_id"] for n in cluster.worker_nodes(alive_only=False)}
     assert set(ran_on) <= workers, (ran_on, workers)
     assert added_nodes(cluster) >= 2, cluster.monitor_log()[-3000:]
+    # Jobs can see how far the cluster may grow (what Ray Train and our job size against).
+    assert json.loads(re.search(r"^MAX=(\{.*\})$", out, re.M).group(1)) == {"CPU": 2}
     print(f"2 worker nodes added and used in {time.time() - start:.1f}s")
