@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -42,8 +43,14 @@ from typing import Optional, Sequence
 # Runs inside the child before the program: limits, then the audit hook, then the program.
 # It is passed with `-c`, so nothing the program can edit defines the guard.
 _GUARD = r'''
-import os, sys, resource
-cpu_s, mem_b, fsize_b, prog = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+import os, sys, resource, traceback
+cpu_s, mem_b, fsize_b, prog, done_fd = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                        sys.argv[4], int(sys.argv[5]))
+# A pass is "ran to the end", not "exit status 0": os._exit(0) or sys.exit() in a completion
+# must not pass. The parent hands a one-time token on stdin; only reaching the end writes it.
+token = sys.stdin.readline().strip().encode()
+sys.stdin.close()
+_write, _exit, _flush = os.write, os._exit, sys.stdout.flush
 resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
 resource.setrlimit(resource.RLIMIT_AS, (mem_b, mem_b))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_b, fsize_b))
@@ -94,7 +101,14 @@ def _hook(event, args):
 sys.addaudithook(_hook)
 del f
 sys.argv = ["solution.py"]
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+try:
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+except BaseException:  # SystemExit included: exiting early is not passing
+    traceback.print_exc()
+    _exit(1)
+_flush()
+_write(done_fd, token)
+_exit(0)  # do not wait for threads the program may have left running
 '''
 
 # Outcomes. Only PASSED counts as a pass; everything else is a fail, never an error of ours.
@@ -140,19 +154,19 @@ def network_namespace_available() -> bool:
         return False
 
 
-def _command(prog: Path, limits: Limits) -> list[str]:
+def _command(prog: Path, limits: Limits, done_fd: int) -> list[str]:
     cpu_s = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
     cmd = [sys.executable, "-I", "-S", "-B", "-c", _GUARD, str(cpu_s),
-           str(limits.memory_mb * 2**20), str(limits.file_size_mb * 2**20), str(prog)]
+           str(limits.memory_mb * 2**20), str(limits.file_size_mb * 2**20), str(prog), str(done_fd)]
     if network_namespace_available():
         cmd = ["unshare", "-rn", "--"] + cmd
     return cmd
 
 
-def _classify(rc: Optional[int], timed_out: bool, stderr: str) -> str:
+def _classify(rc: Optional[int], timed_out: bool, finished: bool, stderr: str) -> str:
     if timed_out or rc == -signal.SIGXCPU:
         return TIMEOUT
-    if rc == 0:
+    if rc == 0 and finished:
         return PASSED
     if "MemoryError" in stderr:
         return MEMORY
@@ -164,7 +178,8 @@ def _classify(rc: Optional[int], timed_out: bool, stderr: str) -> str:
 
 
 def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
-    """Run `source` as a script in a fresh sandboxed process. Exit status 0 is a pass.
+    """Run `source` as a script in a fresh sandboxed process. Running to the end is a pass
+    (exit status 0 alone is not: `os._exit(0)` or `sys.exit()` before the tests fail).
 
     Never raises for anything the program does: hangs, crashes and refused actions are
     results. Only a failure to start the interpreter at all raises (OSError).
@@ -176,26 +191,52 @@ def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
         prog.write_text(source, encoding="utf-8")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(work),
                "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
-        with open(work / ".stdout", "wb") as out, open(work / ".stderr", "wb") as err:
-            proc = subprocess.Popen(_command(prog, limits), cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
-            timed_out = False
+        token = secrets.token_hex(16)
+        done_r, done_w = os.pipe()
+        try:
+            with open(work / ".stdout", "wb") as out, open(work / ".stderr", "wb") as err:
+                proc = subprocess.Popen(_command(prog, limits, done_w), cwd=work, env=env, stdin=subprocess.PIPE,
+                                        stdout=out, stderr=err, start_new_session=True, close_fds=True,
+                                        pass_fds=(done_w,))
+                os.close(done_w)
+                done_w = -1
+                timed_out = _supervise(proc, token, limits.timeout_s)
+            os.set_blocking(done_r, False)
             try:
-                proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Kill the whole group even after a normal exit: nothing it started may outlive it.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
+                finished = os.read(done_r, 64) == token.encode()
+            except BlockingIOError:
+                finished = False
+        finally:
+            os.close(done_r)
+            if done_w != -1:
+                os.close(done_w)
         stderr = (work / ".stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         rc = None if timed_out else proc.returncode
-        return ExecResult(_classify(rc, timed_out, stderr), rc, time.monotonic() - start, stderr)
+        return ExecResult(_classify(rc, timed_out, finished, stderr), rc, time.monotonic() - start, stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _supervise(proc: subprocess.Popen, token: str, timeout_s: float) -> bool:
+    """Hand over the token, wait, kill the process group. True when it ran out of time."""
+    try:
+        proc.stdin.write((token + "\n").encode())
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):  # it died at start-up; wait() tells
+        pass
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        # Kill the whole group even after a normal exit: nothing it started may outlive it.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    return timed_out
 
 
 def run_many(sources: Sequence[str], limits: Limits = Limits(), workers: Optional[int] = None) -> list[ExecResult]:

