@@ -228,3 +228,39 @@ def test_kuberay_images_are_pinned_and_storage_is_shared(kuberay):
     assert pvcs and pvcs[0]["spec"]["accessModes"] == ["ReadWriteMany"]
     dockerfile = (KUBERAY.parent / "Dockerfile").read_text()
     assert f"rayproject/ray:{pinned('ray')}-" in dockerfile and f"torch=={pinned('torch')}" in dockerfile
+
+
+# ---- what the head publishes, and the cluster's Serve config --------------------------------
+
+
+def test_published_cluster_config_reads_back_as_the_clusters_ceiling(raw):
+    """Ray reads the record deploy/publish_cluster_config.py writes as: GPU machines x GPUs."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    from publish_cluster_config import cluster_config_proto
+    from ray._private.state import GlobalState
+    from ray.core.generated import autoscaler_pb2
+
+    proto = autoscaler_pb2.ClusterConfig.FromString(cluster_config_proto(raw).SerializeToString())
+    _, gpu, cpu = typed(raw)
+    g, c = node_types(raw)[gpu], node_types(raw)[cpu]
+    assert GlobalState._calculate_max_resource_from_cluster_config(proto, "GPU") == g["resources"]["GPU"] * g["max_workers"]
+    assert GlobalState._calculate_max_resource_from_cluster_config(proto, "CPU") == (
+        g["resources"]["CPU"] * g["max_workers"] + c["resources"]["CPU"] * c["max_workers"])
+    head_cmds = " ".join(raw["head_start_ray_commands"])
+    assert head_cmds.index("ray start --head") < head_cmds.index("publish_cluster_config.py ~/ray_bootstrap_config.yaml")
+    assert raw["file_mounts"]["~/codecomplete/deploy"] == "./deploy"
+
+
+def test_cluster_serve_config_is_valid_and_reads_the_shared_model():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((REPO / "deploy" / "serve" / "cluster.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    app = schema.applications[0]
+    assert app.import_path == "serving.deployment:build"
+    assert app.args["checkpoint"].startswith("/shared/"), "replicas on any node must read the model"
+    assert schema.http_options.host == "127.0.0.1"
+    actor = app.deployments[0].ray_actor_options
+    assert actor.num_cpus == app.args["num_threads"] >= 1
