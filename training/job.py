@@ -240,7 +240,12 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        print(f"[job] training failed after {t.max_failures} restart(s); its checkpoints are kept: continue with "
+              f"`python training/run.py --resume {out}` (plus the same flags)", flush=True)
+        raise
 
     checkpoint, ck_metrics = pick_checkpoint(result)
     model_dir = export_model(checkpoint, prepared.tokenizer_dir, out / "model")

@@ -84,6 +84,22 @@ class Throughput:
         self.start_step = start_step
         self.max_steps = max_steps
         self.tokens_per_step = tokens_per_step
+        self.first: Optional[tuple[int, float]] = None  # (step, time) after the first step
+        self.last: Optional[tuple[int, float]] = None
+
+    def step_done(self, step: int) -> None:
+        now = self.clock()
+        if self.first is None:
+            self.first = (step, now)
+        self.last = (step, now)
+
+    def steady_tokens_per_s(self) -> Optional[float]:
+        """Tokens/s from the end of the first step to the end of the last one: leaves out
+        start-up (process group, DeepSpeed init, the stream's first blocks) and the final
+        eval/save, so it measures training itself. None with fewer than 2 steps."""
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None
+        return round((self.last[0] - self.first[0]) * self.tokens_per_step / (self.last[1] - self.first[1]), 1)
 
     def elapsed(self) -> float:
         return self.clock() - self.t0

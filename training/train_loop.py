@@ -178,6 +178,7 @@ def train_func(config: dict[str, Any]) -> None:
                       f"{tokens_per_step:,} tokens per step", flush=True)
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.meter.step_done(state.global_step)
             fail_at, marker = config.get("fail_at_step"), config.get("fail_marker")
             if fail_at and marker and rank == world - 1 and state.global_step == fail_at and not os.path.exists(marker):
                 # Test-only failure injector: a real process death, once (the marker).
@@ -204,7 +205,8 @@ def train_func(config: dict[str, Any]) -> None:
             if rank == 0:
                 steps = state.global_step - self.meter.start_step
                 emit({"event": "attempt_end", "start_step": self.meter.start_step, "step": state.global_step,
-                      "seconds": round(self.meter.elapsed(), 3), "tokens": steps * tokens_per_step})
+                      "seconds": round(self.meter.elapsed(), 3), "tokens": steps * tokens_per_step,
+                      "steady_tokens_per_s": self.meter.steady_tokens_per_s()})
 
     torch.manual_seed(t["seed"])  # every rank builds the same initial weights
     model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))

@@ -1,0 +1,175 @@
+"""Training throughput: this job (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2) against the
+seed's way (one process, plain HF Trainer, no Ray, no DeepSpeed) in the same run.
+
+Same model (the tiny preset's GPT-2), same chunks (the data stage's Parquet on a slice of
+the standard library), same global batch (workers x micro-batch), same steps, same
+optimizer and schedule. Throughput is the steady state: from the end of the first step to
+the end of the last (start-up and the final eval are left out of both). MFU divides the
+model's FLOPs per second (6 x non-position parameters + attention, per token) by a
+2048 x 2048 matmul measured here, now, with all cores.
+
+    .venv/bin/python benchmarks/train.py [--steps 40] [--files 120]
+
+Prints one JSON line. Timings on a shared machine move with its load: rerun to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def matmul_gflops(dtype_name: str = "float32", n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_token(model_config, context: int) -> float:
+    from transformers import GPT2LMHeadModel
+
+    from training.model import count_parameters
+
+    model = GPT2LMHeadModel(model_config)
+    n = count_parameters(model) - model.transformer.wpe.weight.numel()  # position lookup: no matmul
+    return 6 * n + 12 * model_config.n_layer * context * model_config.n_embd
+
+
+def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
+    """The seed's loop: one process, map-style dataset, HF Trainer, no Ray, no DeepSpeed."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from training.metrics import Throughput
+    from training.model import build_model
+    from training.tokenizer import load_tokenizer
+
+    def chunks(path):
+        col = pq.read_table(str(path), columns=["input_ids"]).column("input_ids").combine_chunks()
+        return np.asarray(col.values.to_numpy(), dtype=np.int64).reshape(len(col), -1)
+
+    class Chunks(torch.utils.data.Dataset):
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __len__(self):
+            return len(self.arr)
+
+        def __getitem__(self, i):
+            ids = torch.from_numpy(self.arr[i])
+            return {"input_ids": ids, "labels": ids}
+
+    t = cfg.train
+    tokens_per_step = global_batch * t.gradient_accumulation_steps * cfg.data.context_length
+    meter = Throughput(0, steps, tokens_per_step)
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            meter.step_done(state.global_step)
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, cfg.data, load_tokenizer(prepared.tokenizer_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=global_batch, per_device_eval_batch_size=global_batch,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+            max_steps=steps, logging_steps=t.logging_steps, eval_strategy="no", save_strategy="no",
+            report_to=[], disable_tqdm=True, seed=t.seed, use_cpu=True, dataloader_pin_memory=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=Chunks(chunks(prepared.train_dir)),
+                          eval_dataset=Chunks(chunks(prepared.valid_dir)), data_collator=default_data_collator,
+                          callbacks=[Timer()])
+        trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"tokens_per_s": meter.steady_tokens_per_s(), "final_train_loss": losses[-1], "final_eval_loss": eval_loss,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--files", type=int, default=120, help="standard-library files in the corpus")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="precision of the distributed run (the single process stays fp32)")
+    ap.add_argument("--output", default=None, help="run folder (default: a temporary one)")
+    a = ap.parse_args()
+
+    from training.config import JobConfig
+    from training.data.pipeline import prepare_data
+    from training.export import pick_checkpoint  # noqa: F401  (import check before a long run)
+    from training.job import run_job
+    from training.model import gpt2_config
+    from training.tokenizer import load_tokenizer
+
+    out = Path(a.output or tempfile.mkdtemp(prefix="bench_train_"))
+    cfg = JobConfig.from_preset("tiny")
+    cfg.output = str(out / "run")
+    cfg.data.max_files = a.files
+    cfg.train.num_workers = a.workers
+    cfg.train.max_steps = a.steps
+    cfg.train.eval_steps = cfg.train.save_steps = a.steps
+    cfg.train.logging_steps = max(1, a.steps // 8)
+    cfg.train.warmup_steps = max(1, a.steps // 10)
+    cfg.train.max_failures = 0
+    cfg.train.precision = a.precision
+    cfg.validate()
+
+    prepared = prepare_data(cfg)  # also starts the local Ray cluster the job reuses
+    import ray
+
+    ray.shutdown()  # the single process runs with the machine to itself
+
+    fpt = flops_per_token(gpt2_config(cfg.model, cfg.data, load_tokenizer(prepared.tokenizer_dir)),
+                          cfg.data.context_length)
+    peak_fp32 = matmul_gflops("float32")
+    peak_bf16 = matmul_gflops("bfloat16")
+    global_batch = a.workers * cfg.train.micro_batch_size
+    single = single_process(prepared, cfg, global_batch, a.steps)
+
+    summary = run_job(cfg, prepared=prepared)
+    ends = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
+    peak = peak_bf16 if a.precision == "bf16" else peak_fp32
+
+    def mfu(tps, peak_gflops):
+        return round(tps * fpt / (peak_gflops * 1e9), 4) if tps else None
+
+    print(json.dumps({
+        "benchmark": "train",
+        "model": f"gpt2 {cfg.model.n_layer}x{cfg.model.n_embd}, vocab {cfg.data.vocab_size}, ctx {cfg.data.context_length}",
+        "steps": a.steps, "global_batch": global_batch, "tokens_per_step": global_batch * cfg.data.context_length,
+        "distributed": {"workers": a.workers, "zero_stage": summary["zero_stage"], "precision": a.precision,
+                        "tokens_per_s": steady, "mfu": mfu(steady, peak),
+                        "final_train_loss": summary["final_train_loss"], "final_eval_loss": summary["final_eval_loss"]},
+        "single_process": {**single, "precision": "fp32", "mfu": mfu(single["tokens_per_s"], peak_fp32)},
+        "ratio": round(steady / single["tokens_per_s"], 3) if steady and single["tokens_per_s"] else None,
+        "matmul_gflops": {"fp32": round(peak_fp32, 1), "bf16": round(peak_bf16, 1)},
+        "flops_per_token": fpt,
+        "cores": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
