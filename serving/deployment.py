@@ -66,9 +66,17 @@ class Completer:
             raise RuntimeError("model not loaded")
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Delta]:
-        async for d in self._batch((prompt, params)):
-            if d.text or d.finished:
-                yield d
+        steps = self._batch((prompt, params))
+        try:
+            async for d in steps:
+                if d.text or d.finished:
+                    yield d
+                if d.finished:
+                    break
+        finally:
+            # The batcher still resolves this request's next future (with StopAsyncIteration)
+            # one step later; consume it off the request path so it is not logged as lost.
+            asyncio.ensure_future(_drain(steps))
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def _batch(self, jobs: list[tuple[str, SamplingParams]]) -> AsyncIterator[list[Any]]:
@@ -93,6 +101,14 @@ class Completer:
                 steps.close()
             except ValueError:  # cancelled while a step still runs on the worker thread
                 pass
+
+
+async def _drain(steps: AsyncIterator[Any]) -> None:
+    try:
+        async for _ in steps:
+            pass
+    except Exception:
+        pass
 
 
 def _replica_cpus() -> int:
