@@ -70,8 +70,10 @@ class TokenizeStage:
     """
 
     def __init__(self, tokenizer_file: str, context_length: int, mode: str, eos_id: int,
-                 threads: int = 1, ledger: Any = None, keep_split: bool = True) -> None:
+                 threads: Optional[int] = None, ledger: Any = None, keep_split: bool = True,
+                 actors: int = 1) -> None:
         # Must be set before the tokenizers library builds its thread pool (first use).
+        threads = threads or tokenizer_threads(actors)
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
         from tokenizers import Tokenizer
@@ -109,7 +111,15 @@ class TokenizeStage:
         return table if self.keep_split else table.drop_columns(["split"])
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (affinity and taskset aware, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def tokenizer_threads(actors: int, cores: Optional[int] = None) -> int:
-    """Rayon threads per actor so that actors x threads covers the cores, no more."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores // max(1, actors))
+    """Rayon threads per actor so that actors x threads covers the node's cores, no more
+    (more threads than cores only adds switching; fewer leaves a core idle)."""
+    return max(1, (cores or usable_cores()) // max(1, actors))

@@ -249,13 +249,12 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
                             fn_kwargs={"keywords": list(d.keywords), "ledger": ledger}, **stage)
     if d.dedup:
         ds = ds.map_batches(dedup_stage, batch_size=d.batch_rows, fn_kwargs={"ledger": ledger}, **stage)
-    threads = max(1, (os.cpu_count() or 1) // actors)
     return ds.map_batches(
         TokenizeStage, batch_size=d.batch_rows, batch_format="pyarrow", num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
                                "context_length": d.context_length, "mode": d.chunking,
-                               "eos_id": eos_id_of(tokenizer_dir), "threads": threads,
+                               "eos_id": eos_id_of(tokenizer_dir), "actors": actors,
                                "ledger": ledger, "keep_split": keep_split})
 
 
@@ -277,8 +276,10 @@ def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
             sources.read_table_units, batch_size=1, fn_kwargs={"batch_rows": d.batch_rows},
             batch_format="pyarrow")
     else:
-        raw = ray.data.from_huggingface(sources.load_hub(c, d.max_files))
-    if d.max_files and c.kind == "table":
+        raw = ray.data.from_items([{"shard": i} for i in range(c.shards)], override_num_blocks=c.shards).map_batches(
+            sources.read_hub_shards, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"location": c.location, "field_name": c.field, "batch_rows": d.batch_rows})
+    if d.max_files and c.kind != "folder":
         raw = raw.limit(d.max_files)
     return raw.map_batches(sources.table_stage, batch_size=d.batch_rows,
                            fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)

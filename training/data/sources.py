@@ -43,6 +43,7 @@ class Corpus:
     files: tuple[str, ...] = ()  # folder: .py files; table: data files
     root: str = ""  # folder the relative paths are taken from
     units: tuple[tuple[str, int], ...] = field(default=(), repr=False)  # (file, row group)
+    shards: int = 0  # hub: the data set's shards (files), read in parallel
 
     def describe(self) -> str:
         return f"{self.kind}:{self.location}"
@@ -67,7 +68,7 @@ def resolve_corpus(spec: Optional[str], field_name: str = "data.corpus",
         files = list_py_files(root, STDLIB_EXCLUDE)
         return _folder(root, files, field_name, spec, max_files)
     if spec.startswith(HUB_PREFIX):
-        return Corpus("hub", spec[len(HUB_PREFIX):], field_name)
+        return _hub(spec[len(HUB_PREFIX):], field_name)
     path = Path(spec).expanduser()
     if path.is_dir():
         py = list_py_files(path, {"__pycache__"})
@@ -84,9 +85,15 @@ def resolve_corpus(spec: Optional[str], field_name: str = "data.corpus",
             return _folder(path.parent, [path], field_name, spec, max_files)
         raise ConfigError(f"{field_name}={spec!r}: expected a folder, a .py, .parquet or .jsonl file")
     if _HUB_NAME.match(spec):
-        return Corpus("hub", spec, field_name)
+        return _hub(spec, field_name)
     raise ConfigError(f"{field_name}={spec!r}: not found (expected a folder of .py files, a "
                       f".parquet/.jsonl file or folder of them, or a hub name like owner/name)")
+
+
+def _hub(name: str, field_name: str) -> Corpus:
+    """Resolve the hub data set now (metadata only), so a wrong name fails before Ray."""
+    corpus = Corpus("hub", name, field_name)
+    return Corpus("hub", name, field_name, shards=load_hub(corpus).num_shards)
 
 
 def list_py_files(root: Path, exclude: set[str]) -> list[Path]:
@@ -172,12 +179,19 @@ def row_key(repo: Optional[str], path: Optional[str], content: str) -> str:
 
 
 def read_py_batch(batch: pa.Table, max_bytes: int, ledger: Any = None) -> pa.Table:
-    """(file, path) rows -> (path, content) rows; unusable files skipped and counted."""
+    """Ray stage: (file, path) rows -> (path, content) rows; unusable files counted."""
     from training.data.stats import report
 
     counts: Counter = Counter()
-    keys, texts = [], []
-    for file, key in zip(batch.column("file").to_pylist(), batch.column("path").to_pylist()):
+    out = read_py_files(batch.column("file").to_pylist(), batch.column("path").to_pylist(), max_bytes, counts)
+    report(ledger, counts)
+    return out
+
+
+def read_py_files(files: list[str], keys: list[str], max_bytes: int, counts: Counter) -> pa.Table:
+    """Read and check .py files; never raises on a bad or vanished file."""
+    out_keys, texts = [], []
+    for file, key in zip(files, keys):
         counts["files_read"] += 1
         try:
             if os.path.getsize(file) > max_bytes:  # never read a huge file into memory
@@ -192,10 +206,9 @@ def read_py_batch(batch: pa.Table, max_bytes: int, ledger: Any = None) -> pa.Tab
         if reason:
             counts[f"skipped:{reason}"] += 1
             continue
-        keys.append(key)
+        out_keys.append(key)
         texts.append(text)
-    report(ledger, counts)
-    return pa.table([pa.array(keys, pa.string()), pa.array(texts, pa.string())], schema=ROWS)
+    return pa.table([pa.array(out_keys, pa.string()), pa.array(texts, pa.string())], schema=ROWS)
 
 
 def rows_from_table(table: pa.Table, max_bytes: int, counts: Counter) -> pa.Table:
@@ -320,8 +333,9 @@ def iter_texts(corpus: Corpus, max_bytes: int, batch_rows: int = 256) -> Iterato
 
 
 def load_hub(corpus: Corpus, max_files: Optional[int] = None) -> Any:
-    """A streaming hub data set (downloads shards as they are read; needs a network).
-    Picks the `train` split, or the only split there is."""
+    """The hub data set as a streaming `datasets.IterableDataset` (reads shards as they are
+    iterated; needs a network for a hub name, works offline for a local folder of Parquet
+    or JSONL files). Picks the `train` split, or the only split there is."""
     import datasets
 
     try:
@@ -333,6 +347,24 @@ def load_hub(corpus: Corpus, max_files: Optional[int] = None) -> Any:
     if name is None:
         raise ConfigError(f"{corpus.field}={corpus.location!r}: has splits {names}; expected 'train' or one split")
     ds = splits[name]
-    if "content" not in (ds.column_names or ["content"]):
+    if ds.column_names is not None and "content" not in ds.column_names:
         raise ConfigError(f"{corpus.field}={corpus.location!r}: no 'content' column (columns: {ds.column_names})")
     return ds.take(max_files) if max_files else ds
+
+
+def read_hub_shards(batch: pa.Table, location: str, field_name: str, batch_rows: int) -> Iterator[pa.Table]:
+    """Ray stage: hub shard numbers -> raw rows. Each task streams its own shards of the
+    data set (`IterableDataset.shard`), so shards download and tokenize in parallel and
+    no task holds more than a batch. (`ray.data.from_huggingface` would do one streaming
+    read task, and it queries the hub API even for a local folder.)"""
+    corpus = Corpus("hub", location, field_name)
+    ds = load_hub(corpus)
+    for index in batch.column("shard").to_pylist():
+        rows: list[dict] = []
+        for row in ds.shard(num_shards=ds.num_shards, index=index):
+            rows.append(row)
+            if len(rows) >= batch_rows:
+                yield _raw_table(rows)
+                rows = []
+        if rows:
+            yield _raw_table(rows)

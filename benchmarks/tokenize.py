@@ -1,0 +1,151 @@
+"""Benchmark: kept tokens/s of the Ray data stage vs the seed's `datasets.map`, same run.
+
+    python benchmarks/tokenize.py [--corpus PATH] [--chunking truncate|pack] [--actors N]
+
+Both sides start from the same corpus files on disk, use the same tokenizer (trained
+once, outside the timings) and keep only full 128-token chunks:
+
+- seed: read the files, `datasets.Dataset.from_dict`, then the course's
+  `tokenizer(..., truncation=True, max_length=128, return_overflowing_tokens=True,
+  return_length=True)` in `Dataset.map(batched=True, num_proc=cores)` keeping length==128.
+- ours: `init_ray()` (Ray start-up is timed), then the data stage's streaming pipeline
+  (read, split, tokenize in the actor pool) writing train/valid Parquet shards.
+
+Prints one JSON line. In truncate mode the chunk counts of the two must agree exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named tokenize.py: drop its folder from the path before anything imports
+# the standard library's `tokenize` module (linecache, inspect, ...).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def seed_way(texts: list[str], tokenizer_dir: Path, context_length: int, num_proc: int) -> tuple[int, float]:
+    """The course's tokenize step, timed from the texts in memory to the chunk dataset."""
+    from datasets import Dataset, disable_progress_bars
+
+    from training.tokenizer import load_tokenizer
+
+    disable_progress_bars()
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    def tokenize(element: dict) -> dict:
+        outputs = tokenizer(element["content"], truncation=True, max_length=context_length,
+                            return_overflowing_tokens=True, return_length=True)
+        input_batch = [ids for length, ids in zip(outputs["length"], outputs["input_ids"])
+                       if length == context_length]
+        return {"input_ids": input_batch}
+
+    t0 = time.perf_counter()
+    raw = Dataset.from_dict({"content": texts})
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=num_proc)
+    n = len(tokenized)
+    return n, time.perf_counter() - t0
+
+
+def read_texts(corpus, max_bytes: int) -> tuple[list[str], float]:
+    """The seed reads the same files with the same bad-input rules (timed: ours reads too)."""
+    from training.data.sources import iter_texts
+
+    t0 = time.perf_counter()
+    texts = [t for _, t in iter_texts(corpus, max_bytes)]
+    return texts, time.perf_counter() - t0
+
+
+def our_way(corpus, tokenizer_dir: Path, data_cfg, workdir: Path) -> dict:
+    import ray
+
+    from training.data.pipeline import build_chunks, layout, write_splits
+    from training.data.stats import Ledger, summarize
+    from training.ray_utils import init_ray
+
+    t0 = time.perf_counter()
+    init_ray()
+    t_ray = time.perf_counter() - t0
+    ledger = Ledger.remote()
+    out = layout(workdir)
+    ds = build_chunks([(corpus, None)], tokenizer_dir, data_cfg, ledger=ledger, keep_split=True)
+    write_splits(ds, out)
+    seconds = time.perf_counter() - t0
+    stats = summarize(ray.get(ledger.get.remote()), data_cfg.context_length, data_cfg.chunking)
+    ray.shutdown()
+    return {"seconds": seconds, "ray_start_s": t_ray,
+            "chunks": stats["chunks_train"] + stats["chunks_valid"], "chunk_yield": stats["chunk_yield"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=None, help="corpus (default: the interpreter's standard library)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one, untimed)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--chunking", default="truncate", choices=["truncate", "pack"])
+    p.add_argument("--actors", type=int, default=1, help="tokenizer actors (data.tokenizer_actors)")
+    p.add_argument("--batch-rows", type=int, default=64)
+    p.add_argument("--num-proc", type=int, default=None, help="seed's num_proc (default: cores)")
+    args = p.parse_args()
+
+    from training.config import ConfigError, DataConfig
+    from training.data.chunking import usable_cores
+    from training.data.sources import resolve_corpus
+
+    cores = usable_cores()
+    data_cfg = DataConfig(corpus=args.corpus, valid_fraction=0.0, vocab_size=args.vocab_size,
+                          chunking=args.chunking, tokenizer_actors=args.actors, batch_rows=args.batch_rows)
+    try:
+        corpus = resolve_corpus(args.corpus)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
+    try:
+        tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tokenizer"
+        if not args.tokenizer:
+            from training.data.pipeline import prepare_tokenizer
+
+            data_cfg.tokenizer_train_files = 400
+            prepare_tokenizer(data_cfg, corpus, tok_dir)
+
+        texts, read_s = read_texts(corpus, data_cfg.max_file_bytes)
+        seed_chunks, seed_s = seed_way(texts, tok_dir, data_cfg.context_length, args.num_proc or cores)
+        seed_s += read_s
+        ours = our_way(corpus, tok_dir, data_cfg, work / "out")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ctx = data_cfg.context_length
+    ours_tps = ours["chunks"] * ctx / ours["seconds"]
+    seed_tps = seed_chunks * ctx / seed_s
+    result = {
+        "benchmark": "tokenize", "corpus": corpus.describe() if args.corpus else "stdlib", "files": len(texts),
+        "cores": cores, "chunking": args.chunking, "context_length": ctx, "actors": args.actors,
+        "ours_kept_tokens_per_s": round(ours_tps), "seed_kept_tokens_per_s": round(seed_tps),
+        "ratio": round(ours_tps / seed_tps, 3),
+        "ours_seconds": round(ours["seconds"], 2), "ours_ray_start_seconds": round(ours["ray_start_s"], 2),
+        "ours_kept_tokens_per_s_after_start": round(ours["chunks"] * ctx / (ours["seconds"] - ours["ray_start_s"])),
+        "seed_seconds": round(seed_s, 2), "ours_chunks": ours["chunks"], "seed_chunks": seed_chunks,
+        "chunks_agree": ours["chunks"] == seed_chunks, "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result))
+    if args.chunking == "truncate" and not result["chunks_agree"]:
+        print("error: truncate-mode chunk counts differ from the seed's", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
