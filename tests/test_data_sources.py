@@ -64,6 +64,7 @@ def _file(path: Path, data: "bytes | pa.Table") -> str:
     (lambda p: str(p / "nope"), "not found"),
     (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "no .py, .parquet or .jsonl"),
     (lambda p: _file(p / "e.jsonl", b""), "is empty"),
+    (lambda p: (p / "pkg").mkdir() or _file(p / "pkg" / "__init__.py", b"") and str(p / "pkg"), "are empty"),
     (lambda p: _file(p / "b.jsonl", b"[1, 2]\n"), "'content' field"),
     (lambda p: _file(p / "n.parquet", pa.table({"text": ["x"]})), "no 'content' column"),
     (lambda p: _file(p / "z.parquet", pa.table({"content": pa.array([], pa.string())})), "no rows"),

@@ -110,6 +110,8 @@ def _folder(root: Path, files: list[Path], field_name: str, spec: Optional[str],
     if not files:
         raise ConfigError(f"{field_name}={spec!r}: no .py files found")
     files = files[:max_files] if max_files else files
+    if not any(os.path.getsize(f) for f in files):
+        raise ConfigError(f"{field_name}={spec!r}: all {len(files)} .py files are empty")
     return Corpus("folder", str(root), field_name, tuple(str(f) for f in files), str(root))
 
 
