@@ -1,0 +1,102 @@
+"""The evaluation CLI: fails fast on bad input, and a real run writes results and a report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, str(REPO / "training" / "evaluate.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--checkpoint", "no/such/dir"], "no such folder"),
+    (["--checkpoint", "tests"], "not a model folder"),
+    ([], "give --checkpoint DIR or --endpoint URL"),
+    (["--endpoint", "http://127.0.0.1:9/v1/completions"], "add --humaneval"),
+    (["--endpoint", "ftp://x", "--humaneval"], "http(s) URL"),
+    (["--checkpoint", "x", "--n", "0"], "--n must be >= 1"),
+    (["--checkpoint", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_bad_arguments_fail_fast_without_ray(argv, msg, capsys):
+    import ray
+
+    from training.evaluate import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2
+    assert msg in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_a_folder_without_weights_is_not_a_model(tiny_checkpoint, tmp_path, capsys):
+    from training.evaluate import main
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").unlink()
+    assert main(["--checkpoint", str(broken)]) == 2
+    assert "missing weights" in capsys.readouterr().err
+    (broken / "config.json").write_text("{not json")
+    shutil.copy(tiny_checkpoint / "model.safetensors", broken)
+    assert main(["--checkpoint", str(broken)]) == 2
+    assert "config.json is unreadable" in capsys.readouterr().err
+
+
+def test_script_entry_point_fails_in_seconds():
+    t0 = time.monotonic()
+    r = _cli("--checkpoint", "no/such/dir")
+    assert r.returncode == 2 and "error: --checkpoint no/such/dir: no such folder" in r.stderr
+    assert time.monotonic() - t0 < 60  # imports only; no Ray, no model
+
+
+@pytest.mark.timeout(600)
+def test_full_run_writes_results_report_and_loss_curve(tiny_checkpoint, small_corpus, tmp_path):
+    # A training run's OUTPUT folder: model/ plus metrics.jsonl as the job writes it.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run / "model")
+    events = [{"event": "log", "step": s, "loss": 6.0 - s / 20} for s in range(10, 61, 10)]
+    events += [{"event": "log", "step": 30, "eval_loss": 5.2}, {"event": "log", "step": 60, "eval_loss": 4.9}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    report = tmp_path / "report"
+
+    r = _cli("--checkpoint", str(run), "--corpus", str(small_corpus), "--max-chunks", "24",
+             "--humaneval", "--problems", "2", "--n", "2", "--max-new-tokens", "16", "--temperature", "0.8",
+             "--report", str(report), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = json.loads(r.stdout[r.stdout.index("{\n"):])
+    saved = json.loads((report / "eval.json").read_text())
+    assert saved["perplexity"] == printed["perplexity"]
+
+    ppl = saved["perplexity"]
+    assert ppl["chunks"] == 24 and ppl["tokens"] == 24 * 127 and ppl["split"] == "all"
+    assert ppl["perplexity"] == pytest.approx(math.exp(ppl["loss"]), rel=1e-9)
+    assert 0 < ppl["loss"] < 10
+    he = saved["humaneval"]
+    assert he["problems"] == 2 and he["samples_per_problem"] == 2
+    assert set(he["pass_at_k"]) == {"pass@1"}  # pass@10 needs n >= 10
+    assert sum(he["status_counts"].values()) == 4  # 2 samples generated per problem on Ray actors
+    assert he["prompts_truncated"] == 2  # both prompts exceed 128 - 16 tokens: their end is kept
+    assert he["sandbox"]["timeout_s"] == 5.0
+    assert saved["anchors"]["codeparrot-small"]["pass@1"] == pytest.approx(0.038)
+
+    md = (report / "report.md").read_text()
+    for needle in ("3.80%", "6.57%", "12.78%", "~1.06", f"{ppl['loss']:.4f}", "loss.png"):
+        assert needle in md
+    assert (report / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
