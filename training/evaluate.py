@@ -161,8 +161,12 @@ def run_perplexity(checkpoint: Path, run: Optional[Path], args: argparse.Namespa
 
     d, corpus, split = data_config_for(checkpoint, run, args)
     ds = chunk_dataset(corpus, checkpoint, d, split=split)
-    out = evaluate_loss(ds, checkpoint, workers=args.workers, batch_size=args.batch_size,
-                        max_chunks=args.max_chunks)
+    try:
+        out = evaluate_loss(ds, checkpoint, workers=args.workers, batch_size=args.batch_size,
+                            max_chunks=args.max_chunks)
+    except ValueError as e:
+        raise EvalError(f"{e} [corpus={corpus or 'stdlib default'}, split={split}, "
+                        f"max_files={d.max_files}]") from None
     return {**out, "corpus": corpus, "split": split, "context_length": d.context_length,
             "chunking": d.chunking}
 

@@ -50,6 +50,7 @@ class CheckpointGenerator:
         self.params = params
         self.tok = load_tokenizer(checkpoint)
         self.tok.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+        self.tok.model_max_length = 10**9  # long prompts are cut below, by us, from the left
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(device).eval()
         self.device = device
         ctx = int(self.model.config.n_positions)
