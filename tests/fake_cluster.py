@@ -44,6 +44,7 @@ class FakeAutoscalingCluster(LocalRayHead):
     def __init__(self, max_workers: int = 2, worker_cpus: int = 1,
                  idle_timeout_minutes: Optional[float] = None, env: Optional[dict[str, str]] = None,
                  publish_config: bool = True):
+        self.created_at = time.time()  # for callers' deadlines
         # The autoscaler polls every second instead of every 5: nodes come sooner.
         super().__init__(num_cpus=0, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                                           **(env or {})})
