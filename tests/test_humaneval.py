@@ -130,3 +130,24 @@ def test_endpoint_errors_are_reported_not_scored(served):
     with pytest.raises(EndpointError, match="404"):
         generate_with_endpoint(served, prompts_of(problems), SamplingParams(max_new_tokens=4),
                                model="no-such-model", api_key="k3y")
+
+
+@pytest.mark.timeout(300)
+def test_cli_targets_a_running_endpoint_without_starting_ray(served, tmp_path, capsys):
+    import json
+
+    import ray
+
+    from training.evaluate import main
+
+    out = tmp_path / "eval.json"
+    rc = main(["--endpoint", served, "--api-key", "k3y", "--humaneval", "--task-ids", "HumanEval/2,HumanEval/4",
+               "--n", "2", "--max-new-tokens", "8", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    he = json.loads(out.read_text())["humaneval"]
+    assert list(he["per_problem"]) == ["HumanEval/2", "HumanEval/4"]
+    assert he["samples_per_problem"] == 2 and "pass@1" in he["pass_at_k"]
+    assert not ray.is_initialized()  # the server generates; nothing here needs a cluster
+    assert main(["--endpoint", served, "--api-key", "wrong", "--humaneval", "--problems", "1",
+                 "--json", str(out)]) == 1
+    assert "401" in capsys.readouterr().err
