@@ -31,7 +31,9 @@ class Backend(Protocol):
 
     def ready(self) -> bool: ...
 
-    def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Delta]: ...
+    def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+        """The request's text as it is generated (incremental) or all in the final Delta."""
+        ...
 
 
 def sse(data: object) -> bytes:
@@ -42,7 +44,7 @@ def sse(data: object) -> bytes:
 async def collect(backend: Backend, prompt: str, params: SamplingParams) -> tuple[str, Delta]:
     """Run one request to the end: (completion text, final delta)."""
     parts: list[str] = []
-    async for d in backend.stream(prompt, params):
+    async for d in backend.stream(prompt, params, incremental=False):
         parts.append(d.text)
         if d.finished:
             return "".join(parts), d

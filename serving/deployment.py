@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -65,8 +66,8 @@ class Completer:
         if not self.ready():
             raise RuntimeError("model not loaded")
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Delta]:
-        steps = self._batch((prompt, params))
+    async def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+        steps = self._batch((prompt, params, incremental))
         try:
             async for d in steps:
                 if d.text or d.finished:
@@ -79,28 +80,54 @@ class Completer:
             asyncio.ensure_future(_drain(steps))
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
-    async def _batch(self, jobs: list[tuple[str, SamplingParams]]) -> AsyncIterator[list[Any]]:
-        steps = self.engine.stream_batch([p for p, _ in jobs], [sp for _, sp in jobs])
+    async def _batch(self, jobs: list[tuple[str, SamplingParams, bool]]) -> AsyncIterator[list[Any]]:
         loop = asyncio.get_running_loop()
-        finished = [False] * len(jobs)
-        try:
-            while True:
-                step = await loop.run_in_executor(self._executor, next, steps, None)
-                if step is None:
-                    return
-                out: list[Any] = []
-                for i, d in enumerate(step):
-                    if finished[i]:
-                        out.append(_DONE)
-                    else:
-                        out.append(d if d is not None else _NOTHING)
-                        finished[i] = d is not None and d.finished
-                yield out
-        finally:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def decode() -> None:
+            # The whole batch decodes on the worker thread without waiting for the event loop:
+            # a round trip through the loop per step costs two thread wake-ups, which on a
+            # busy 2-core machine took longer than the forward pass itself.
             try:
-                steps.close()
-            except ValueError:  # cancelled while a step still runs on the worker thread
-                pass
+                for step in self.engine.stream_batch([j[0] for j in jobs], [j[1] for j in jobs],
+                                                     incremental=[j[2] for j in jobs]):
+                    if any(d is not None for d in step):  # non-streaming rows speak only at the end
+                        loop.call_soon_threadsafe(queue.put_nowait, step)
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as e:  # surfaces as the error of every request in the batch
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+
+        loop.run_in_executor(self._executor, decode)
+        finished = [False] * len(jobs)
+        while not all(finished):
+            steps = [await queue.get()]
+            while not queue.empty():  # the loop fell behind: hand over several steps at once
+                steps.append(queue.get_nowait())
+            out: list[Any] = []
+            for i in range(len(jobs)):
+                if finished[i]:
+                    out.append(_DONE)
+                    continue
+                merged = _merge([s[i] for s in steps if isinstance(s, list)])
+                out.append(merged)
+                finished[i] = merged.finished
+            yield out
+            for s in steps:
+                if isinstance(s, BaseException):
+                    raise s
+                if s is None and not all(finished):
+                    raise RuntimeError("generation ended before every request finished")
+
+
+def _merge(deltas: list[Optional[Delta]]) -> Delta:
+    """Several steps' deltas for one request as one (text joined, the final verdict kept)."""
+    present = [d for d in deltas if d is not None]
+    if not present:
+        return _NOTHING
+    last = present[-1]
+    if len(present) == 1:
+        return last
+    return replace(last, text="".join(d.text for d in present))
 
 
 async def _drain(steps: AsyncIterator[Any]) -> None:

@@ -75,6 +75,7 @@ class _Row:
     generated: int = 0  # tokens sampled, eos included: what usage reports, as vLLM does
     emitted: int = 0  # characters of the completion already handed out
     done: bool = False
+    incremental: bool = True  # hand out text step by step (streaming) or only at the end
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -145,19 +146,24 @@ class Engine:
     # ---- the decode loop -------------------------------------------------------------
 
     @torch.inference_mode()
-    def stream_batch(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> Iterator[list[Optional[Delta]]]:
+    def stream_batch(self, prompts: Sequence[str], params: Sequence[SamplingParams],
+                     incremental: Optional[Sequence[bool]] = None) -> Iterator[list[Optional[Delta]]]:
         """Yield, once per decode step, one entry per request: its new Delta or None.
 
         None means "nothing new this step" (text held back, or the request already ended).
-        Each request ends with exactly one Delta whose `finished` is True.
+        Each request ends with exactly one Delta whose `finished` is True. A request marked
+        not `incremental` gets all its text in that final Delta (and skips per-step decoding
+        unless it has stop strings to watch for).
         """
         assert len(prompts) == len(params) and prompts
+        incremental = list(incremental) if incremental is not None else [True] * len(prompts)
         rows: list[_Row] = []
         encoded: list[list[int]] = []
         for prompt, p in zip(prompts, params):
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**63)
-            rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, rng=random.Random(seed)))
+            rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, rng=random.Random(seed),
+                             incremental=incremental[len(rows)]))
             encoded.append(ids)
 
         # Left padding: every row's last prompt token sits in the last column, so one
@@ -243,6 +249,8 @@ class Engine:
             reason = "eos"  # the eos token itself is not part of the completion
         else:
             row.tokens.append(token)
+        if not (row.incremental or p.stop or reason or row.generated >= p.max_new_tokens):
+            return None  # nothing to show or check yet: skip decoding
         text = self._decode(row.tokens)
         if p.stop:
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
@@ -250,6 +258,8 @@ class Engine:
                 text, reason = text[:cut], "stop"
         if reason is None and row.generated >= p.max_new_tokens:
             reason = "length"
+        if reason is None and not row.incremental:
+            return None
         if reason is not None:
             row.done = True
             new, row.emitted = text[row.emitted:], len(text)
@@ -276,7 +286,7 @@ class Engine:
         """Run a batch to the end and collect each request's completion."""
         texts = [""] * len(prompts)
         final: list[Optional[Delta]] = [None] * len(prompts)
-        for step in self.stream_batch(prompts, params):
+        for step in self.stream_batch(prompts, params, incremental=[False] * len(prompts)):
             for i, d in enumerate(step):
                 if d is not None:
                     texts[i] += d.text

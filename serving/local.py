@@ -21,8 +21,8 @@ class LocalBackend:
     def ready(self) -> bool:
         return True
 
-    async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[Delta]:
-        steps = self.engine.stream_batch([prompt], [params])
+    async def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+        steps = self.engine.stream_batch([prompt], [params], incremental=[incremental])
         while True:
             # A worker thread per step keeps the event loop free, as in the deployment.
             step = await asyncio.to_thread(next, steps, None)

@@ -1,0 +1,178 @@
+"""Serving benchmark: `python benchmarks/serve.py [--checkpoint DIR] [--url URL]`.
+
+Prints one JSON line: completion tokens/s and p50/p99 latency at concurrency 1, 8 and 32
+against the service over HTTP, and, in the same run, the same model's in-process generation
+for one request (the baseline the HTTP + Serve overhead is measured against).
+
+Without --url it starts the service itself (local Ray, Serve on a free loopback port, one
+replica with --num-cpus CPUs). Without --checkpoint it uses runs/tiny/model, or, if that does
+not exist, builds an untrained model of the tiny preset's shape (speed does not depend on
+training; the JSON says which). Targets on 2 cores: c32 throughput >= 4x c1, and a single
+request's HTTP + Serve overhead <= 25% of in-process time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Drop benchmarks/ from the path: a sibling script named like a stdlib module (tokenize.py)
+# would shadow it for torch and linecache.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPTS = ["def read_config(path):\n    ", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self",
+           "for i in range(10):\n    ", "    return self._", "# parse the command line\nargs = ",
+           "with open(filename) as f:\n", "try:\n    import json\nexcept ImportError:"]
+
+
+def untrained_checkpoint(out: Path) -> Path:
+    """A GPT-2 shaped like configs/tiny.yaml (2 x 128, vocab 8000, ctx 128), random weights."""
+    import sysconfig
+
+    import torch
+
+    from training.config import DataConfig, ModelConfig
+    from training.model import build_model
+    from training.tokenizer import save_tokenizer, train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("*.py"))[:80]]
+    data = DataConfig(vocab_size=8000, context_length=128)
+    tok = train_tokenizer(texts, vocab_size=data.vocab_size, context_length=data.context_length)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=128, dropout=0.0), data, tok)
+    model.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(tok, out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_ms: float) -> str:
+    import ray
+    from ray import serve
+
+    from serving.deployment import Completer, deploy_options
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = Completer.options(**deploy_options(num_cpus=num_cpus)).bind(
+        checkpoint=str(checkpoint), num_threads=max(1, int(num_cpus)), max_batch_size=max_batch_size,
+        batch_wait_timeout_s=wait_ms / 1000)
+    serve.run(app, name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def in_process(checkpoint: Path, threads: int, max_new_tokens: int, n: int) -> tuple[dict, dict]:
+    """The same model generating one request at a time in this process: our loop and HF generate."""
+    import torch
+
+    from serving.engine import Engine
+
+    engine = Engine(checkpoint, num_threads=threads)
+    engine.warmup()
+    lat, tokens = [], 0
+    for i in range(n):
+        t = time.perf_counter()
+        c = engine.complete(PROMPTS[i % len(PROMPTS)], max_new_tokens=max_new_tokens)
+        lat.append(time.perf_counter() - t)
+        tokens += c.completion_tokens
+    ours = {"tokens_per_s": round(tokens / sum(lat), 1), "p50_s": round(statistics.median(lat), 4),
+            "tokens_per_request": round(tokens / n, 1)}
+    hf_lat = []
+    tok = engine.tokenizer
+    for i in range(max(3, n // 2)):
+        ids = torch.tensor([tok(PROMPTS[i % len(PROMPTS)])["input_ids"]])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                  pad_token_id=tok.pad_token_id)
+        hf_lat.append(time.perf_counter() - t)
+    hf = {"p50_s": round(statistics.median(hf_lat), 4),
+          "tokens_per_s": round(max_new_tokens / statistics.median(hf_lat), 1)}
+    return ours, hf
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--url", default=None, help="a running service (default: start one)")
+    ap.add_argument("--api-key", default=os.environ.get("COMPLETE_API_KEY"))
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-worker", type=int, default=4)
+    ap.add_argument("--num-cpus", type=float, default=1.0, help="replica CPUs when starting the service")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    args = ap.parse_args()
+
+    from serving.engine import check_checkpoint
+    from serving.loadtest import run_load, summarize
+
+    trained = True
+    if args.checkpoint:
+        checkpoint = check_checkpoint(Path(args.checkpoint).resolve())
+    elif (REPO / "runs/tiny/model/config.json").exists():
+        checkpoint = REPO / "runs/tiny/model"
+    else:
+        checkpoint, trained = untrained_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")) / "model"), False
+
+    url = args.url or start_service(checkpoint, args.num_cpus, args.max_batch_size, args.batch_wait_ms)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+
+    def body(i: int) -> dict:
+        # Fixed length (temperature 0 on varied prompts): every request does the same work.
+        return {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": args.max_new_tokens}
+
+    run_load(url, body, n_requests=8, concurrency=8, headers=headers)  # warm the path
+    http = {}
+    for c in (1, 8, 32):
+        n = max(16, c * args.requests_per_worker)
+        results, wall = run_load(url, body, n_requests=n, concurrency=c, headers=headers)
+        http[f"c{c}"] = summarize(results, wall)
+
+    threads = max(1, int(args.num_cpus))
+    ours, hf = in_process(checkpoint, threads, args.max_new_tokens, n=16)
+    c1, c32 = http["c1"], http["c32"]
+    overhead = (c1["p50_s"] - ours["p50_s"]) / ours["p50_s"]
+    scaling = c32["tokens_per_s"] / c1["tokens_per_s"] if c1["tokens_per_s"] else float("nan")
+    report = {
+        "benchmark": "serve", "checkpoint": str(checkpoint), "trained": trained,
+        "max_new_tokens": args.max_new_tokens, "replica_cpus": args.num_cpus, "torch_threads": threads,
+        "http": http,
+        "in_process_one_request": ours, "hf_generate_one_request": hf,
+        "c32_over_c1_throughput": round(scaling, 2), "target_c32_over_c1": 4.0,
+        "single_request_overhead": round(overhead, 3), "target_overhead": 0.25,
+        "meets_targets": bool(scaling >= 4.0 and overhead <= 0.25),
+        "host": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()},
+    }
+    if not args.url:  # shut down first: Ray's shutdown chatter must not follow the JSON line
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
