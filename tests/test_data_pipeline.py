@@ -164,7 +164,7 @@ def test_each_filter_drops_and_counts_its_files(tmp_path):
 @pytest.mark.timeout(240)
 def test_chunk_dataset_streams_the_same_chunks_for_evaluation(prepared, corpus):
     cfg = job(prepared.root, corpus=str(corpus)).data
-    ds = chunk_dataset(str(corpus), prepared.tokenizer_dir, cfg, split="valid")
+    ds = chunk_dataset(str(corpus), prepared.tokenizer_dir, cfg, split="valid").materialize()  # one execution
     assert ds.columns() == ["input_ids", "labels"]
     assert ds.count() == prepared.stats["chunks_valid"]
     batch = next(iter(ds.iter_torch_batches(batch_size=4)))
