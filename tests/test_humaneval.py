@@ -110,7 +110,7 @@ def served(tiny_checkpoint):
     thread.join(timeout=10)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # includes building tiny_checkpoint when first
 def test_endpoint_client_gets_n_samples_per_problem(served):
     problems = load_problems(limit=2)
     params = SamplingParams(n=3, temperature=0.8, max_new_tokens=16, seed=3)
@@ -122,7 +122,7 @@ def test_endpoint_client_gets_n_samples_per_problem(served):
     assert r.n == 3
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(900)
 def test_endpoint_errors_are_reported_not_scored(served):
     problems = load_problems(limit=1)
     with pytest.raises(EndpointError, match="401"):
@@ -132,7 +132,7 @@ def test_endpoint_errors_are_reported_not_scored(served):
                                model="no-such-model", api_key="k3y")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # includes building tiny_checkpoint when first
 def test_cli_targets_a_running_endpoint_without_starting_ray(served, tmp_path, capsys):
     import json
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)  # the first user also pays for the session tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
