@@ -117,7 +117,6 @@ def main() -> None:
 
     from training.config import JobConfig
     from training.data.pipeline import prepare_data
-    from training.export import pick_checkpoint  # noqa: F401  (import check before a long run)
     from training.job import run_job
     from training.model import gpt2_config
     from training.tokenizer import load_tokenizer

@@ -208,6 +208,15 @@ def train_func(config: dict[str, Any]) -> None:
                       "seconds": round(self.meter.elapsed(), 3), "tokens": steps * tokens_per_step,
                       "steady_tokens_per_s": self.meter.steady_tokens_per_s()})
 
+    if not config.get("use_gpu"):
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op under a lock file in
+        # ~/.cache/torch_extensions. A process killed mid-build leaves that lock behind and every
+        # later job on the machine waits on it forever (seen here); jobs sharing a machine can
+        # also meet in its shared memory. gloo's all-reduce is plenty for these model sizes.
+        import deepspeed.comm.torch as ds_torch_comm
+
+        ds_torch_comm.build_shm_op = lambda: None
+
     torch.manual_seed(t["seed"])  # every rank builds the same initial weights
     model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
 
