@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 import time
 
 import pytest
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 # needs one to stream the training split to them (STACK-NOTES: a pipeline with no free CPU
 # stalls forever).
 MAX_WORKERS = 3
-TEST_TIMEOUT_S = 480      # pytest-timeout's hard stop
+TEST_TIMEOUT_S = 600      # pytest-timeout's hard stop: a bound for hangs, not the expected time
 TEARDOWN_MARGIN_S = 60    # left for stopping the cluster and checking for stragglers
 
 
@@ -53,6 +54,17 @@ def actors_of_class(cluster: FakeAutoscalingCluster, class_name: str) -> list[di
     return [a for a in actors if a.get("class_name") == class_name]
 
 
+def submit_tiny_job(cluster: FakeAutoscalingCluster, corpus, out, store, timeout: float):
+    """The tiny training job with 2 CPU workers, as a user would submit it to a cluster."""
+    return cluster.submit(
+        "python", "training/run.py", "--preset", "tiny",
+        "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--vocab-size", "500",
+        "--valid-fraction", "0.25", "--max-steps", "4", "--micro-batch-size", "8",
+        "--eval-steps", "4", "--save-steps", "4", "--logging-steps", "1", "--warmup-steps", "1",
+        "--num-workers", "2", "--no-gpu", "--corpus", str(corpus),
+        "--output", str(out), "--storage-path", str(store), timeout=timeout)
+
+
 @pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_training_job_trains_on_nodes_the_autoscaler_adds(autoscaling_cluster, small_corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,13 +75,11 @@ def test_training_job_trains_on_nodes_the_autoscaler_adds(autoscaling_cluster, s
     head = {n["node_id"] for n in cluster.nodes() if n["is_head_node"]}
     out, store = tmp_path / "run", tmp_path / "shared_storage"
 
-    result = cluster.submit(
-        "python", "training/run.py", "--preset", "tiny",
-        "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--vocab-size", "500",
-        "--valid-fraction", "0.25", "--max-steps", "4", "--micro-batch-size", "8",
-        "--eval-steps", "4", "--save-steps", "4", "--logging-steps", "1", "--warmup-steps", "1",
-        "--num-workers", "2", "--no-gpu", "--corpus", str(small_corpus),
-        "--output", str(out), "--storage-path", str(store), timeout=max(30.0, deadline - time.time()))
+    try:
+        result = submit_tiny_job(cluster, small_corpus, out, store, timeout=max(30.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"job not done by the test's deadline; driver log tail:\n{cluster.driver_logs()[-6000:]}\n"
+                    f"autoscaler log tail:\n{cluster.monitor_log()[-2000:]}")
     logs = result.stdout + result.stderr
     assert result.returncode == 0 and "succeeded" in logs, logs[-5000:]
 
