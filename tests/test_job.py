@@ -29,7 +29,7 @@ def tiny_args(corpus: Path, out: Path, max_steps: int = 6, every: int = 2) -> li
             "--save-steps", str(every), "--logging-steps", "1", "--warmup-steps", "2", "--valid-fraction", "0.1"]
 
 
-def run_cli(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 1100) -> subprocess.CompletedProcess:
     import os
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": "", **(env or {})}
@@ -114,9 +114,9 @@ def test_step_plan_is_one_epoch_of_the_effective_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(700)
 def test_too_many_workers_and_an_empty_corpus_fail_before_training(tmp_path):
-    r = run_cli(["--preset", "tiny", "--num-workers", "64", "--output", str(tmp_path / "o1")], timeout=240)
+    r = run_cli(["--preset", "tiny", "--num-workers", "64", "--output", str(tmp_path / "o1")], timeout=330)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: train.num_workers=64: needs 64 CPUs" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o1" / "data").exists()  # rejected before the data stage
@@ -125,7 +125,7 @@ def test_too_many_workers_and_an_empty_corpus_fail_before_training(tmp_path):
     corpus.mkdir()
     (corpus / "a.py").write_text("x = 1\n")
     r = run_cli(["--preset", "tiny", "--corpus", str(corpus), "--vocab-size", "300",
-                 "--output", str(tmp_path / "o2")], timeout=240)
+                 "--output", str(tmp_path / "o2")], timeout=330)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: data.corpus" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o2" / "ray_results").exists()  # no training started
@@ -150,7 +150,7 @@ def submitted_run(small_corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_ray_job_submit_trains_and_exports_a_loadable_model(submitted_run):
     out, log = submitted_run
     assert "succeeded" in log.lower()
@@ -172,7 +172,7 @@ def test_ray_job_submit_trains_and_exports_a_loadable_model(submitted_run):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_workers_hold_identical_parameters_after_training(submitted_run):
     out, _ = submitted_run
     digests = [e for e in events(out) if e["event"] == "param_digest"]
@@ -184,7 +184,7 @@ def test_workers_hold_identical_parameters_after_training(submitted_run):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_path):
     out = tmp_path / "run"
     r = run_cli([*tiny_args(small_corpus, out, max_steps=6, every=2), "--max-failures", "2"],
@@ -200,7 +200,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_resume_continues_a_stopped_run_from_its_latest_checkpoint(small_corpus, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(small_corpus, out, max_steps=6, every=2)
