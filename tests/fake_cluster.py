@@ -36,6 +36,11 @@ from ray_cluster import REPO_ROOT, LocalRayHead, free_port
 FAKE_CONFIG = REPO_ROOT / "configs" / "cluster" / "fake-local.yaml"
 PUBLISH = REPO_ROOT / "deploy" / "publish_cluster_config.py"
 WORKER_TYPE = "ray.worker.cpu"
+BLOCKING = "will now block forever"  # what `ray start --block` prints once the node is up
+
+
+class ClusterStartError(RuntimeError):
+    """The cluster did not come up (on an overloaded machine `ray start` can time out)."""
 
 
 class FakeAutoscalingCluster(LocalRayHead):
@@ -69,29 +74,38 @@ class FakeAutoscalingCluster(LocalRayHead):
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def start(self, timeout: float = 90) -> "FakeAutoscalingCluster":
+    def start(self, timeout: float = 120) -> "FakeAutoscalingCluster":
         deadline = time.time() + timeout
         super().start(timeout=timeout)
-        # The job API answering does not mean the autoscaler runs (a bad config kills the
-        # monitor a moment later): wait for its first status report.
+        # The job API can answer before `ray start` has finished (its raylet still
+        # registering; on an overloaded machine that can time out and take the head
+        # down), and before the autoscaler runs. Up means: `ray start` reached its
+        # blocking loop and the autoscaler reported.
         while time.time() < deadline:
-            if "Monitor: Started" in self.monitor_log():
+            if self.proc is None or self.proc.poll() is not None:
                 break
-            if self.proc is not None and self.proc.poll() is not None:
-                deadline = 0
+            if BLOCKING in self.log.read_text(errors="replace") and "Monitor: Started" in self.monitor_log():
+                self._publish()
+                return self
             time.sleep(0.5)
-        else:
-            log = self.log.read_text()[-3000:] + self.monitor_log()[-3000:]
-            self.stop()
-            raise RuntimeError(f"autoscaler did not start:\n{log}")
-        if self.publish_config:
-            # What raycluster.yaml's head runs after `ray start`: jobs learn the ceiling.
+        log = self.log.read_text(errors="replace")[-3000:] + self.monitor_log()[-2000:]
+        self.stop()
+        raise ClusterStartError(f"fake autoscaling cluster did not come up:\n{log}")
+
+    def _publish(self) -> None:
+        if not self.publish_config:
+            return
+        # What raycluster.yaml's head runs after `ray start`: jobs learn the ceiling.
+        try:
             r = subprocess.run([sys.executable, str(PUBLISH), str(self.config_path), "--address", self.address],
                                capture_output=True, text=True, env=self.env, timeout=120)
-            if r.returncode != 0:
-                self.stop()
-                raise RuntimeError(f"publish_cluster_config failed:\n{r.stdout}{r.stderr[-3000:]}")
-        return self
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise ClusterStartError("publish_cluster_config did not finish in 120 s") from None
+        if r.returncode != 0:
+            log = self.log.read_text(errors="replace")[-2000:]
+            self.stop()
+            raise ClusterStartError(f"publish_cluster_config failed:\n{r.stdout}{r.stderr[-3000:]}\n{log}")
 
     def stop(self) -> None:
         super().stop()
@@ -174,3 +188,20 @@ class FakeAutoscalingCluster(LocalRayHead):
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+def start_fake_cluster(attempts: int = 2, **kwargs) -> FakeAutoscalingCluster:
+    """Start a FakeAutoscalingCluster, with a fresh one (new ports and temp dir) if the
+    first does not come up: Ray gives a head's raylet a fixed 30 s to register, which a
+    machine shared with other test runs does not always meet."""
+    first_try = time.time()
+    for attempt in range(attempts):
+        cluster = FakeAutoscalingCluster(**kwargs)
+        cluster.created_at = first_try  # callers' deadlines count the failed tries too
+        try:
+            return cluster.start()
+        except (ClusterStartError, TimeoutError, RuntimeError):
+            cluster.cleanup()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

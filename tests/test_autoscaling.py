@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from fake_cluster import WORKER_TYPE, FakeAutoscalingCluster
+from fake_cluster import WORKER_TYPE, FakeAutoscalingCluster, start_fake_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,8 @@ TEARDOWN_MARGIN_S = 60    # left for stopping the cluster and checking for strag
 
 @pytest.fixture
 def autoscaling_cluster():
-    cluster = FakeAutoscalingCluster(max_workers=MAX_WORKERS)
+    cluster = start_fake_cluster(max_workers=MAX_WORKERS)  # stops what it started if it fails
     try:
-        cluster.start()
         yield cluster
     finally:
         cluster.cleanup()
