@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# benchmarks/ holds scripts named like stdlib modules (tokenize.py): drop it from the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -125,6 +127,7 @@ def main() -> None:
     cfg = JobConfig.from_preset("tiny")
     cfg.output = str(out / "run")
     cfg.data.max_files = a.files
+    cfg.data.valid_fraction = 0.1  # a small corpus still needs validation chunks for every worker
     cfg.train.num_workers = a.workers
     cfg.train.max_steps = a.steps
     cfg.train.eval_steps = cfg.train.save_steps = a.steps
