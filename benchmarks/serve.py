@@ -128,13 +128,13 @@ def main() -> int:
     from serving.engine import check_checkpoint
     from serving.loadtest import run_load, summarize
 
-    trained = True
     if args.checkpoint:
-        checkpoint = check_checkpoint(Path(args.checkpoint).resolve())
+        checkpoint, source = check_checkpoint(Path(args.checkpoint).resolve()), "--checkpoint"
     elif (REPO / "runs/tiny/model/config.json").exists():
-        checkpoint = REPO / "runs/tiny/model"
+        checkpoint, source = REPO / "runs/tiny/model", "runs/tiny/model"
     else:
-        checkpoint, trained = untrained_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")) / "model"), False
+        checkpoint = untrained_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")) / "model")
+        source = "untrained stand-in of the tiny preset's shape"
 
     url = args.url or start_service(checkpoint, args.num_cpus, args.max_batch_size, args.batch_wait_ms)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
@@ -166,7 +166,7 @@ def main() -> int:
     overhead = (c1["p50_s"] - ours["p50_s"]) / ours["p50_s"]
     scaling = c32["tokens_per_s"] / c1["tokens_per_s"] if c1["tokens_per_s"] else float("nan")
     report = {
-        "benchmark": "serve", "checkpoint": str(checkpoint), "trained": trained,
+        "benchmark": "serve", "checkpoint": str(checkpoint), "checkpoint_source": source,
         "max_new_tokens": args.max_new_tokens, "replica_cpus": args.num_cpus, "torch_threads": threads,
         "http": http,
         "in_process_one_request": ours, "hf_generate_one_request": hf, "in_process_ran_in": where,
