@@ -60,17 +60,22 @@ def test_perplexity_matches_direct_model_loss(tiny_checkpoint, ray_local):
     assert got["perplexity"] < model.config.vocab_size
 
 
-def test_ignored_labels_are_not_counted(tiny_checkpoint, ray_local):
-    import ray
+def test_ignored_labels_are_not_counted(tiny_checkpoint):
+    # The actor's scoring function itself (what each pool member runs), without a pool.
+    from transformers import AutoModelForCausalLM
 
-    from training.eval.perplexity import evaluate_loss
+    from training.eval.perplexity import LossScorer
 
     chunks = _chunks(tiny_checkpoint, n=4)
     labels = chunks.astype(np.int64).copy()
     labels[:, 64:] = -100  # e.g. padding: the second half is not scored
-    ds = ray.data.from_items([{"input_ids": c.tolist(), "labels": lab.tolist()} for c, lab in zip(chunks, labels)])
-    got = evaluate_loss(ds, tiny_checkpoint, batch_size=4)
-    assert got["tokens"] == 4 * 63
+    out = LossScorer(str(tiny_checkpoint))({"input_ids": chunks, "labels": labels})
+    assert out["tokens"].tolist() == [63] * 4
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint)).eval()
+    ids, lab = torch.as_tensor(chunks, dtype=torch.long), torch.as_tensor(labels)
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=lab).loss.item()
+    assert out["loss_sum"].sum() / out["tokens"].sum() == pytest.approx(want, rel=1e-5)
 
 
 def test_empty_corpus_is_a_clear_error(tiny_checkpoint, ray_local):
