@@ -12,6 +12,7 @@ only the chunks travel through the object store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -109,11 +110,14 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
 def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: DataConfig,
                   split: str = "all") -> Any:
     """The same reading, filtering and chunking as training, as a lazy Ray Dataset of
-    input_ids/labels (for perplexity on a held-out corpus). Ray must be initialised."""
+    input_ids/labels (for perplexity on a held-out corpus). Joins or starts Ray if needed."""
     if split not in ("train", "valid", "all"):
         raise ConfigError(f"split={split!r}: must be train, valid or all")
     check_data_config(data_cfg)
     c = sources.resolve_corpus(corpus, "data.corpus", data_cfg.max_files)
+    from training.ray_utils import init_ray
+
+    init_ray()  # a no-op when Ray is already up
     ledger = Ledger.remote() if data_cfg.dedup else None
     return build_chunks([(c, None)], Path(tokenizer_dir), data_cfg, ledger=ledger, keep_split=False,
                         only_split=None if split == "all" else split)
@@ -137,7 +141,7 @@ def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sour
     parts["valid_corpus"] = sources.corpus_identity(valid) if valid else None
     if d.tokenizer:
         tj = Path(d.tokenizer) / "tokenizer.json"
-        parts["tokenizer_file"] = fingerprint({"bytes": tj.read_bytes().hex()}) if tj.is_file() else d.tokenizer
+        parts["tokenizer_file"] = hashlib.sha256(tj.read_bytes()).hexdigest() if tj.is_file() else d.tokenizer
     return fingerprint(parts)
 
 
