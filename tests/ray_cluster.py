@@ -65,6 +65,8 @@ class LocalRayHead:
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+               # the job agent's port is fixed (52365) by default: two heads at once collide
+               f"--dashboard-agent-listen-port={free_port()}",
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
