@@ -59,6 +59,16 @@ def test_a_folder_without_weights_is_not_a_model(tiny_checkpoint, tmp_path, caps
     assert "config.json is unreadable" in capsys.readouterr().err
 
 
+def test_a_missing_corpus_fails_before_ray(tiny_checkpoint, tmp_path, capsys):
+    import ray
+
+    from training.evaluate import main
+
+    assert main(["--checkpoint", str(tiny_checkpoint), "--corpus", str(tmp_path / "nope")]) == 2
+    assert "--corpus=" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_script_entry_point_fails_in_seconds():
     t0 = time.monotonic()
     r = _cli("--checkpoint", "no/such/dir")

@@ -223,11 +223,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             run = Path(args.run).expanduser().resolve()
             if not run.is_dir():
                 raise EvalError(f"--run {args.run}: no such folder")
+        if args.corpus and checkpoint is not None and not args.no_perplexity:
+            from training.data.sources import resolve_corpus
+
+            resolve_corpus(args.corpus, "--corpus", args.max_files)  # a typo fails here, not in Ray
         if args.humaneval:
             from training.eval.humaneval import load_problems
 
             load_problems(limit=1)  # the optional dependency is there, before any Ray work
-    except (EvalError, RuntimeError) as e:
+    except (EvalError, RuntimeError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 
