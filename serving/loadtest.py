@@ -23,6 +23,8 @@ class Result:
     completion_tokens: int = 0
     error: Optional[str] = None
     started: float = 0.0
+    index: int = -1  # which request (make_body's argument)
+    text: str = ""  # the completion, for checks on what came back
 
 
 class Client:
@@ -58,15 +60,16 @@ class Client:
             self.conn = None
 
 
-def timed(client: Client, path: str, body: dict) -> Result:
+def timed(client: Client, path: str, body: dict, index: int = -1) -> Result:
     t0 = time.perf_counter()
     try:
         status, payload = client.request("POST", path, body)
     except Exception as e:  # no answer at all
-        return Result(0, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}", started=t0)
+        return Result(0, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}", started=t0, index=index)
     tokens = payload.get("usage", {}).get("completion_tokens", 0) if status == 200 else 0
     err = None if status == 200 else json.dumps(payload)[:300]
-    return Result(status, time.perf_counter() - t0, tokens, err, started=t0)
+    return Result(status, time.perf_counter() - t0, tokens, err, started=t0, index=index,
+                  text=payload.get("completion", "") if status == 200 else "")
 
 
 def run_load(url: str, make_body: Callable[[int], dict], n_requests: int, concurrency: int,
@@ -88,7 +91,7 @@ def run_load(url: str, make_body: Callable[[int], dict], n_requests: int, concur
                     i = next(counter, None)
                 if i is None:
                     return
-                r = timed(client, path, make_body(i))
+                r = timed(client, path, make_body(i), i)
                 with lock:
                     results.append(r)
         finally:
