@@ -145,7 +145,9 @@ def main() -> None:
     fpt = flops_per_token(gpt2_config(cfg.model, cfg.data, load_tokenizer(prepared.tokenizer_dir)),
                           cfg.data.context_length)
     peak_fp32 = matmul_gflops("float32")
-    peak_bf16 = matmul_gflops("bfloat16")
+    # Only where asked: CPUs without avx512_bf16/AMX run bf16 matmuls on a slow reference
+    # path (a 2048^3 product took minutes on such a machine).
+    peak_bf16 = matmul_gflops("bfloat16", n=1024, reps=3) if a.precision == "bf16" else None
     global_batch = a.workers * cfg.train.micro_batch_size
     single = single_process(prepared, cfg, global_batch, a.steps)
 
@@ -166,7 +168,7 @@ def main() -> None:
                         "final_train_loss": summary["final_train_loss"], "final_eval_loss": summary["final_eval_loss"]},
         "single_process": {**single, "precision": "fp32", "mfu": mfu(single["tokens_per_s"], peak_fp32)},
         "ratio": round(steady / single["tokens_per_s"], 3) if steady and single["tokens_per_s"] else None,
-        "matmul_gflops": {"fp32": round(peak_fp32, 1), "bf16": round(peak_bf16, 1)},
+        "matmul_gflops": {"fp32": round(peak_fp32, 1), "bf16": round(peak_bf16, 1) if peak_bf16 else None},
         "flops_per_token": fpt,
         "cores": os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
