@@ -21,7 +21,7 @@ import sysconfig
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -270,23 +270,30 @@ def iter_raw(file: str, rg: int, batch_rows: int) -> Iterator[pa.Table]:
                     for k in ("repo_name", "path", "content")}
             yield _raw_table([dict(zip(data, vals)) for vals in zip(*data.values())])
         return
-    rows: list[dict] = []
     with _open_text(file) as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError
-            except ValueError:  # also UnicodeDecodeError: one bad line, not a dead job
-                row = {"error": "bad_json"}
-            rows.append(row)
-            if len(rows) >= batch_rows:
-                yield _raw_table(rows)
-                rows = []
-    if rows:
-        yield _raw_table(rows)
+        yield from _batched_tables((_json_row(line) for line in fh if line.strip()), batch_rows)
+
+
+def _json_row(line: str) -> dict:
+    try:
+        row = json.loads(line)
+        if not isinstance(row, dict):
+            raise ValueError
+        return row
+    except ValueError:  # also UnicodeDecodeError: one bad line, not a dead job
+        return {"error": "bad_json"}
+
+
+def _batched_tables(rows: Iterable[dict], batch_rows: int) -> Iterator[pa.Table]:
+    """Raw rows -> tables of at most batch_rows, so no task holds more than a batch."""
+    batch: list[dict] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= batch_rows:
+            yield _raw_table(batch)
+            batch = []
+    if batch:
+        yield _raw_table(batch)
 
 
 def _raw_table(rows: list[dict]) -> pa.Table:
@@ -362,11 +369,4 @@ def read_hub_shards(batch: pa.Table, location: str, field_name: str, batch_rows:
     corpus = Corpus("hub", location, field_name)
     ds = load_hub(corpus)
     for index in batch.column("shard").to_pylist():
-        rows: list[dict] = []
-        for row in ds.shard(num_shards=ds.num_shards, index=index):
-            rows.append(row)
-            if len(rows) >= batch_rows:
-                yield _raw_table(rows)
-                rows = []
-        if rows:
-            yield _raw_table(rows)
+        yield from _batched_tables(ds.shard(num_shards=ds.num_shards, index=index), batch_rows)
