@@ -97,7 +97,9 @@ def test_worker_plan_uses_the_autoscalers_maximum():
 
 
 def test_step_plan_is_one_epoch_of_the_effective_batch():
-    cfg = JobConfig.from_preset("tiny")  # micro 16, accum 1
+    cfg = JobConfig.from_preset("tiny")
+    # Pin the batch shape so the test does not follow edits to the tiny preset.
+    cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps = 16, 1
     assert plan_steps(cfg, {"chunks_train": 3200, "chunks_valid": 10}, workers=2) == 100
     cfg.train.gradient_accumulation_steps = 4
     assert plan_steps(cfg, {"chunks_train": 3200, "chunks_valid": 10}, workers=2) == 25
