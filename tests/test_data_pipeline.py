@@ -16,7 +16,8 @@ import ray
 from conftest import stdlib_files
 from test_data_sources import write_codeparrot_parquet
 from training.config import ConfigError, DataConfig, JobConfig
-from training.data.pipeline import chunk_dataset, prepare_data
+from training.data.pipeline import build_chunks, chunk_dataset, layout, prepare_data, staging_dir, write_splits
+from training.data.sources import resolve_corpus
 from training.data.split import split_of
 from training.tokenizer import load_tokenizer
 
@@ -118,6 +119,22 @@ def test_given_tokenizer_and_rerun_give_the_same_split_and_chunks(prepared, corp
                               tokenizer_actors=2))  # 2 actors on 2 logical CPUs: must not stall
     assert read_chunks(second.train_dir) == read_chunks(prepared.train_dir)
     assert read_chunks(second.valid_dir) == read_chunks(prepared.valid_dir)
+
+
+@pytest.mark.timeout(240)
+def test_only_shards_in_the_manifest_are_kept(prepared, corpus, tmp_path):
+    """The tokenizer actors write the shards; a shard no finished task reported (left by a
+    retried one) must not reach train/ or be counted."""
+    d = job(tmp_path, corpus=str(corpus), tokenizer=str(prepared.tokenizer_dir)).data
+    out = layout(tmp_path / "out3")
+    stray = staging_dir(out) / "train" / "stray.parquet"
+    stray.parent.mkdir(parents=True)
+    shutil.copy(next(prepared.train_dir.glob("*.parquet")), stray)
+    ds = build_chunks([(resolve_corpus(str(corpus)), None)], prepared.tokenizer_dir, d, write_dir=staging_dir(out))
+    rows = write_splits(ds, out)
+    assert not stray.exists() and not (out.train_dir / "stray.parquet").exists()
+    assert rows == {"train": prepared.stats["chunks_train"], "valid": prepared.stats["chunks_valid"]}
+    assert read_chunks(out.train_dir) == read_chunks(prepared.train_dir)
 
 
 @pytest.mark.timeout(240)

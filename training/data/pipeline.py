@@ -85,15 +85,15 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     ledger = Ledger.remote()
     ds = build_chunks([(corpus, None if valid is None else splitting.TRAIN)]
                       + ([(valid, splitting.VALID)] if valid is not None else []),
-                      out.tokenizer_dir, d, ledger=ledger, keep_split=True)
-    write_splits(ds, out)
+                      out.tokenizer_dir, d, ledger=ledger, write_dir=staging_dir(out))
+    rows = write_splits(ds, out)
     counts = ray_get_counts(ledger)
     stats = summarize(counts, d.context_length, d.chunking)
+    _check_written(stats, rows)
     stats.update(fingerprint=fp, corpus=corpus.describe(), valid_corpus=valid.describe() if valid else None,
                  tokenizer=d.tokenizer or "trained", vocab_size=_vocab_size(out.tokenizer_dir),
                  filters={"dedup": d.dedup, "quality_filter": d.quality_filter, "keywords": list(d.keywords)},
                  tokenizer_seconds=round(tok_seconds, 2), seconds=round(time.time() - t0, 2))
-    _check_written(stats, out)
     if stats["chunks_valid"] == 0 and stats["chunks_train"] > 0:
         print(f"data: warning: the validation split has no chunk ({out.valid_dir} is empty); "
               "raise --valid-fraction or give --valid-corpus", flush=True)
@@ -237,8 +237,11 @@ def cpu_plan(actors: int) -> tuple[float, float]:
 
 
 def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_dir: Path, d: DataConfig,
-                 ledger: Any = None, keep_split: bool = True, only_split: Optional[str] = None) -> Any:
-    """The lazy Dataset of chunks. inputs: (corpus, forced split or None for the hash split)."""
+                 ledger: Any = None, keep_split: bool = True, only_split: Optional[str] = None,
+                 write_dir: Optional[Path] = None) -> Any:
+    """The lazy Dataset of chunks. inputs: (corpus, forced split or None for the hash split).
+    With write_dir, the tokenizer actors write the chunks there as Parquet shards and the
+    Dataset holds only their manifest (see write_splits)."""
     import ray
 
     actors = d.tokenizer_actors
@@ -262,7 +265,8 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
         fn_constructor_kwargs={"tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
                                "context_length": d.context_length, "mode": d.chunking,
                                "eos_id": eos_id_of(tokenizer_dir), "actors": actors,
-                               "ledger": ledger, "keep_split": keep_split})
+                               "ledger": ledger, "keep_split": keep_split,
+                               "write_dir": None if write_dir is None else str(write_dir)})
 
 
 def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
@@ -310,19 +314,32 @@ def assign_split(batch: pa.Table, valid_fraction: float, forced: Optional[str], 
 # ---- writing --------------------------------------------------------------------------
 
 
-def write_splits(ds: Any, out: PreparedData) -> None:
-    """One streaming execution writes both splits (hive-partitioned by `split`), then the
-    partition folders are renamed to train/ and valid/."""
-    staging = out.root / "data" / "_staging"
-    _, write_cpus = cpu_plan(1)
-    ds.write_parquet(str(staging), partition_cols=["split"], ray_remote_args={"num_cpus": write_cpus})
+def staging_dir(out: PreparedData) -> Path:
+    return out.root / "data" / "_staging"
+
+
+def write_splits(ds: Any, out: PreparedData) -> dict[str, int]:
+    """Run the stream (its tokenizer actors write shards under the staging folder and
+    return a manifest), keep exactly the shards the manifest names, move them to train/
+    and valid/. Returns the chunk rows per split. A shard not in the manifest was left by
+    a failed and retried task: it is deleted, so nothing is counted twice."""
+    staging = staging_dir(out)
+    listed: dict[str, int] = {}
+    rows = {splitting.TRAIN: 0, splitting.VALID: 0}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for split, file, n in zip(*(batch.column(c).to_pylist() for c in ("split", "file", "rows"))):
+            listed[os.path.abspath(file)] = n
+            rows[split] = rows.get(split, 0) + n
     for name, dest in ((splitting.TRAIN, out.train_dir), (splitting.VALID, out.valid_dir)):
-        src = staging / f"split={name}"
-        if src.is_dir():
-            os.replace(src, dest)
-        else:
-            dest.mkdir(parents=True, exist_ok=True)  # an empty split is an empty folder
+        dest.mkdir(parents=True, exist_ok=True)  # an empty split is an empty folder
+        src = staging / name
+        for f in sorted(src.glob("*.parquet")) if src.is_dir() else []:
+            if os.path.abspath(f) in listed:
+                os.replace(f, dest / f.name)
+            else:
+                print(f"data: removing {f.name}, a shard left by a retried task", flush=True)
     shutil.rmtree(staging, ignore_errors=True)
+    return rows
 
 
 def ray_get_counts(ledger: Any) -> dict[str, int]:
@@ -331,17 +348,15 @@ def ray_get_counts(ledger: Any) -> dict[str, int]:
     return ray.get(ledger.get.remote())
 
 
-def _check_written(stats: dict, out: PreparedData) -> None:
-    """Chunk counts come from the shards on disk (the truth the trainer reads). The ledger
-    should agree; if a retried task was counted twice it will not, and stats say so."""
-    import pyarrow.parquet as pq
-
-    for split, folder in (("train", out.train_dir), ("valid", out.valid_dir)):
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
-        if rows != stats[f"chunks_{split}"]:
+def _check_written(stats: dict, rows: dict[str, int]) -> None:
+    """Chunk counts come from the manifest of the shards kept (the truth the trainer
+    reads). The ledger should agree; if a retried task was counted twice it will not,
+    and stats say so."""
+    for split in ("train", "valid"):
+        if rows.get(split, 0) != stats[f"chunks_{split}"]:
             stats.setdefault("warnings", []).append(
-                f"ledger counted {stats[f'chunks_{split}']} {split} chunks, shards hold {rows} "
+                f"ledger counted {stats[f'chunks_{split}']} {split} chunks, shards hold {rows.get(split, 0)} "
                 "(a retried task is counted twice; file counts may be high too)")
             print(f"data: warning: {stats['warnings'][-1]}", flush=True)
-            stats[f"chunks_{split}"] = rows
-            stats[f"tokens_{split}"] = rows * stats["context_length"]
+            stats[f"chunks_{split}"] = rows.get(split, 0)
+            stats[f"tokens_{split}"] = rows.get(split, 0) * stats["context_length"]
