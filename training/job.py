@@ -229,7 +229,8 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets={"train": ray.data.read_parquet(str(prepared.train_dir)),
+        # Blocks in a seeded random order, then each worker's shuffle buffer (train_loop).
+        datasets={"train": ray.data.read_parquet(str(prepared.train_dir)).randomize_block_order(seed=t.seed),
                   "valid": ray.data.read_parquet(str(prepared.valid_dir))},
         run_config=RunConfig(
             name=run_name,

@@ -253,10 +253,14 @@ def train_func(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
     batch = t["micro_batch_size"]
+    # Chunks arrive in file order; a local shuffle buffer mixes files within each batch
+    # (the seed's Trainer shuffles globally). Seeded per rank: reproducible, not identical.
+    shuffle = {"local_shuffle_buffer_size": t["shuffle_buffer"],
+               "local_shuffle_seed": t["seed"] + ray.train.get_context().get_world_rank()} if t["shuffle_buffer"] else {}
     trainer = RankAwareTrainer(
         model=model,
         args=args,
-        train_dataset=train_shard.iter_torch_batches(batch_size=batch, collate_fn=collate, drop_last=True),
+        train_dataset=train_shard.iter_torch_batches(batch_size=batch, collate_fn=collate, drop_last=True, **shuffle),
         eval_dataset=cached_batches(valid_shard.iter_torch_batches(batch_size=batch, collate_fn=collate)),
     )
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
