@@ -1,20 +1,20 @@
 """The Ray Serve deployment: one Engine per replica behind the FastAPI app, with @serve.batch.
 
-Concurrent requests queue in `_batch`; Serve hands it up to `max_batch_size` of them at once
-(waiting at most `batch_wait_timeout_s` after the first) and the engine decodes them together,
-one forward pass per step for the whole batch. `_batch` is an async generator so each request
-gets its tokens as they are produced (streaming) while still sharing the batch.
+Concurrent requests queue in `_batch`; Serve hands it up to ADMIT_GROUP of them at once
+(waiting at most `batch_wait_timeout_s` after the first), and `_batch` submits them to the
+replica's DecodeLoop (scheduler.py), where they join the rows already decoding at the next
+step: continuous batching, one forward pass per step for every request in flight, up to
+`max_batch_size` rows. `_batch` is an async generator so each request gets its tokens as
+they are produced (streaming) while still sharing the batch.
 
-The decode steps run on one worker thread: torch releases the GIL in its kernels, so the
-replica's event loop keeps accepting requests (which join the next batch) and flushing
-streamed tokens while a batch computes.
+The decode loop runs on its own thread: torch releases the GIL in its kernels, so the
+replica's event loop keeps accepting requests and flushing streamed tokens meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -24,8 +24,13 @@ from ray import serve
 from app.api import build_app
 from app.auth import api_key_from_env
 from serving.engine import Delta, Engine, SamplingParams, check_checkpoint
+from serving.scheduler import DecodeLoop
 
-DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
+# @serve.batch groups what arrives within the wait into one prefill, and up to
+# CONCURRENT_GROUPS groups decode at once in the DecodeLoop (they join it at any step).
+ADMIT_GROUP = 4
+CONCURRENT_GROUPS = DEFAULT_MAX_BATCH_SIZE // ADMIT_GROUP
 # Paid once by a request that arrives alone; long enough for a burst of clients to join.
 DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_REPLICA_CPUS = 1.0
@@ -37,7 +42,7 @@ _NOTHING = Delta("")  # a step that released no text for a request
     name="Completer",
     ray_actor_options={"num_cpus": DEFAULT_REPLICA_CPUS},
     # Must cover a full batch, or the router never hands a replica enough requests to batch.
-    max_ongoing_requests=2 * DEFAULT_MAX_BATCH_SIZE,
+    max_ongoing_requests=DEFAULT_MAX_BATCH_SIZE,
     health_check_period_s=2.0,
     health_check_timeout_s=30.0,
     graceful_shutdown_timeout_s=5.0,
@@ -51,8 +56,8 @@ class Completer:
         self.engine.warmup()
         self.model_name = self.engine.model_name
         self.context_length = self.engine.context_length
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-        self._batch.set_max_batch_size(max_batch_size)
+        self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
+        self._batch.set_max_batch_size(min(ADMIT_GROUP, max_batch_size))
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self):
@@ -79,25 +84,16 @@ class Completer:
             # one step later; consume it off the request path so it is not logged as lost.
             asyncio.ensure_future(_drain(steps))
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
+    @serve.batch(max_batch_size=ADMIT_GROUP, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
+                 max_concurrent_batches=CONCURRENT_GROUPS)
     async def _batch(self, jobs: list[tuple[str, SamplingParams, bool]]) -> AsyncIterator[list[Any]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def decode() -> None:
-            # The whole batch decodes on the worker thread without waiting for the event loop:
-            # a round trip through the loop per step costs two thread wake-ups, which on a
-            # busy 2-core machine took longer than the forward pass itself.
-            try:
-                for step in self.engine.stream_batch([j[0] for j in jobs], [j[1] for j in jobs],
-                                                     incremental=[j[2] for j in jobs]):
-                    if any(d is not None for d in step):  # non-streaming rows speak only at the end
-                        loop.call_soon_threadsafe(queue.put_nowait, step)
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-            except BaseException as e:  # surfaces as the error of every request in the batch
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+        def emit(item: Any) -> None:  # called on the decode thread, once per step with news
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        loop.run_in_executor(self._executor, decode)
+        self.decoder.submit([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs], emit)
         finished = [False] * len(jobs)
         while not all(finished):
             steps = [await queue.get()]

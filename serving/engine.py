@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serving.batch_state import BatchState
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -145,70 +147,49 @@ class Engine:
 
     # ---- the decode loop -------------------------------------------------------------
 
-    @torch.inference_mode()
-    def stream_batch(self, prompts: Sequence[str], params: Sequence[SamplingParams],
-                     incremental: Optional[Sequence[bool]] = None) -> Iterator[list[Optional[Delta]]]:
-        """Yield, once per decode step, one entry per request: its new Delta or None.
-
-        None means "nothing new this step" (text held back, or the request already ended).
-        Each request ends with exactly one Delta whose `finished` is True. A request marked
-        not `incremental` gets all its text in that final Delta (and skips per-step decoding
-        unless it has stop strings to watch for).
-        """
+    def start_rows(self, prompts: Sequence[str], params: Sequence[SamplingParams],
+                   incremental: Optional[Sequence[bool]] = None) -> tuple[list[_Row], list[list[int]]]:
+        """Decode state and prompt ids per request (ValueError for an impossible request)."""
         assert len(prompts) == len(params) and prompts
         incremental = list(incremental) if incremental is not None else [True] * len(prompts)
         rows: list[_Row] = []
         encoded: list[list[int]] = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, inc in zip(prompts, params, incremental):
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**63)
             rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, rng=random.Random(seed),
-                             incremental=incremental[len(rows)]))
+                             incremental=inc))
             encoded.append(ids)
+        return rows, encoded
 
-        # Left padding: every row's last prompt token sits in the last column, so one
-        # logits slice serves the whole batch and new tokens append in lock step.
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[i, width - len(ids):] = 1
-        # Positions count real tokens only, so a padded row sees what it would see alone.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    def stream_batch(self, prompts: Sequence[str], params: Sequence[SamplingParams],
+                     incremental: Optional[Sequence[bool]] = None) -> Iterator[list[Optional[Delta]]]:
+        """Decode one fixed batch; yield, once per step, one entry per request: its new Delta or None.
 
+        None means "nothing new this step" (text held back, or the request already ended).
+        Each request ends with exactly one Delta whose `finished` is True. A request marked
+        not `incremental` gets all its text in that final Delta (and skips per-step decoding
+        unless it has stop strings to watch for). The server's DecodeLoop (scheduler.py) runs
+        the same steps but lets requests join a batch that is already decoding.
+        """
+        rows, encoded = self.start_rows(prompts, params, incremental)
+        state, logits = BatchState.prefill(self.model, encoded, self.pad_token_id)
         active = list(range(len(rows)))  # batch row -> request index
-        cache = DynamicCache(config=self.model.config)
-        while active:
-            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                             cache=cache, use_cache=True)
-            cache = out.cache
-            logits = out.logits[:, -1, :].float()
+        while True:
             next_ids = self._sample(logits, [rows[r] for r in active])
-
             step: list[Optional[Delta]] = [None] * len(rows)
             keep: list[int] = []
             for b, r in enumerate(active):
-                delta = self._advance(rows[r], next_ids[b])
-                step[r] = delta
+                step[r] = self._advance(rows[r], next_ids[b])
                 if not rows[r].done:
                     keep.append(b)
             yield step
-
+            if not keep:
+                return
             if len(keep) < len(active):  # drop finished rows from the batch and the cache
-                if not keep:
-                    break
-                idx = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(idx)
-                attention = attention[idx]
-                positions = positions[idx]
-                next_tok = torch.tensor([next_ids[b] for b in keep], dtype=torch.long)
-                active = [active[b] for b in keep]
-            else:
-                next_tok = torch.tensor(next_ids, dtype=torch.long)
-            input_ids = next_tok[:, None]
-            attention = torch.cat([attention, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
+                state.keep(keep)
+                active, next_ids = [active[b] for b in keep], [next_ids[b] for b in keep]
+            logits = state.step(self.model, next_ids)
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
         """Next token per row: argmax for temperature 0, else top-k / top-p sampling with the row's RNG."""

@@ -30,7 +30,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--num-replicas", type=int, default=1)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (= torch threads)")
-    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--max-batch-size", type=int, default=64, help="rows decoding together in a replica")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
     ap.add_argument("--model-name", default=None, help="name in responses and /v1/models (default: run folder)")
     args = ap.parse_args(argv)
