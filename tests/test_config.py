@@ -42,6 +42,7 @@ def test_flags_override_preset_and_coerce_types():
     (["--deepspeed-config", "no/such/file.json"], "train.deepspeed_config"),
     (["--tokenizer", "no/such/dir"], "data.tokenizer"),
     (["--precision", "fp8"], "train.precision"),
+    (["--shuffle-buffer", "-1"], "train.shuffle_buffer"),
 ])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
