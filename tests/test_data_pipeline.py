@@ -103,6 +103,7 @@ def test_prepare_data_counts_and_chunks_are_exact(prepared, corpus):
     assert s["chunks_valid"] == sum(expected["valid"].values()) > 0
     assert s["tokens_train"] == s["chunks_train"] * CTX
     assert 0 < s["chunk_yield"] < 1 and s["chunking"] == "truncate"
+    assert s["encoder"] == "tiktoken"  # the job's own tokenizer takes the fast, exact path
     assert prepared.stats_path.is_file() and prepared.stats_path == prepared.root / "data" / "stats.json"
 
 

@@ -93,7 +93,8 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     stats.update(fingerprint=fp, corpus=corpus.describe(), valid_corpus=valid.describe() if valid else None,
                  tokenizer=d.tokenizer or "trained", vocab_size=_vocab_size(out.tokenizer_dir),
                  filters={"dedup": d.dedup, "quality_filter": d.quality_filter, "keywords": list(d.keywords)},
-                 tokenizer_seconds=round(tok_seconds, 2), seconds=round(time.time() - t0, 2))
+                 tokenizer_seconds=round(tok_seconds, 2), seconds=round(time.time() - t0, 2),
+                 encoder=encoder_of(out.tokenizer_dir))
     if stats["chunks_valid"] == 0 and stats["chunks_train"] > 0:
         print(f"data: warning: the validation split has no chunk ({out.valid_dir} is empty); "
               "raise --valid-fraction or give --valid-corpus", flush=True)
@@ -211,6 +212,17 @@ def eos_id_of(tokenizer_dir: Path) -> int:
     if eos_id is None:
         raise ConfigError(f"data.tokenizer={str(tokenizer_dir)!r}: has no end-of-text token ({eos!r})")
     return eos_id
+
+
+def encoder_of(tokenizer_dir: Path) -> str:
+    """Which library the actors encode with (fast_bpe.py); says why when it is the slow one."""
+    from training.data.fast_bpe import load_fast_bpe
+
+    enc, why = load_fast_bpe(tokenizer_dir / "tokenizer.json")
+    if enc is not None:
+        return "tiktoken"
+    print(f"data: encoding with `tokenizers`, not tiktoken: {why}", flush=True)
+    return "tokenizers"
 
 
 def _vocab_size(tokenizer_dir: Path) -> int:
