@@ -176,13 +176,10 @@ class Engine:
         state, logits = BatchState.prefill(self.model, encoded, self.pad_token_id)
         active = list(range(len(rows)))  # batch row -> request index
         while True:
-            next_ids = self._sample(logits, [rows[r] for r in active])
+            next_ids, deltas, keep = self.advance([rows[r] for r in active], logits)
             step: list[Optional[Delta]] = [None] * len(rows)
-            keep: list[int] = []
             for b, r in enumerate(active):
-                step[r] = self._advance(rows[r], next_ids[b])
-                if not rows[r].done:
-                    keep.append(b)
+                step[r] = deltas[b]
             yield step
             if not keep:
                 return
@@ -190,6 +187,13 @@ class Engine:
                 state.keep(keep)
                 active, next_ids = [active[b] for b in keep], [next_ids[b] for b in keep]
             logits = state.step(self.model, next_ids)
+
+    def advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> tuple[list[int], list[Optional[Delta]], list[int]]:
+        """One step for a batch's rows: (sampled ids, each row's Delta or None, batch indices
+        of the rows that go on)."""
+        next_ids = self._sample(logits, rows)
+        deltas = [self._advance(row, token) for row, token in zip(rows, next_ids)]
+        return next_ids, deltas, [b for b, row in enumerate(rows) if not row.done]
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
         """Next token per row: argmax for temperature 0, else top-k / top-p sampling with the row's RNG."""

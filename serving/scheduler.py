@@ -95,17 +95,13 @@ class DecodeLoop:
             members = members + [(g, i) for g in joining for i in range(len(g.rows))]
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(members))
-        ids = engine._sample(torch.cat(logits) if len(logits) > 1 else logits[0], [g.rows[i] for g, i in members])
+        ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
+                                           torch.cat(logits) if len(logits) > 1 else logits[0])
 
         steps: dict[int, tuple[_Group, list[Optional[Delta]]]] = {}
-        keep: list[int] = []
-        for b, ((g, i), token) in enumerate(zip(members, ids)):
-            delta = engine._advance(g.rows[i], token)
+        for (g, i), delta in zip(members, deltas):
             steps.setdefault(id(g), (g, [None] * len(g.rows)))[1][i] = delta
-            if g.rows[i].done:
-                g.left -= 1
-            else:
-                keep.append(b)
+            g.left -= g.rows[i].done
         for g, step in steps.values():
             if any(d is not None for d in step):
                 g.emit(step)

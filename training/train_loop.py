@@ -256,7 +256,7 @@ def train_func(config: dict[str, Any]) -> None:
     # Chunks arrive in file order; a local shuffle buffer mixes files within each batch
     # (the seed's Trainer shuffles globally). Seeded per rank: reproducible, not identical.
     shuffle = {"local_shuffle_buffer_size": t["shuffle_buffer"],
-               "local_shuffle_seed": t["seed"] + ray.train.get_context().get_world_rank()} if t["shuffle_buffer"] else {}
+               "local_shuffle_seed": t["seed"] + rank} if t["shuffle_buffer"] else {}
     trainer = RankAwareTrainer(
         model=model,
         args=args,

@@ -234,18 +234,17 @@ def _vocab_size(tokenizer_dir: Path) -> int:
 # ---- the Ray Data graph ---------------------------------------------------------------
 
 
-def cpu_plan(actors: int) -> tuple[float, float]:
-    """(CPUs per tokenizer actor, CPUs per write task) on the cluster Ray is joined to.
+def cpu_plan(actors: int) -> float:
+    """CPUs per tokenizer actor on the cluster Ray is joined to.
 
     Logical CPUs are reservations: if the actors took them all, Ray Data would never
-    schedule a write (or read) task and the stream would stall (STACK-NOTES: 2 x 1-CPU
-    actors on num_cpus=2 hung forever). So the actors together take at most what leaves
-    one task's worth free."""
+    schedule a read task and the stream would stall (STACK-NOTES: 2 x 1-CPU actors on
+    num_cpus=2 hung forever). So the actors together take at most what leaves one
+    task's worth free."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
-    per_actor = min(1.0, total / (actors + 1))
-    return per_actor, per_actor
+    return min(1.0, total / (actors + 1))
 
 
 def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_dir: Path, d: DataConfig,
@@ -257,7 +256,7 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
     import ray
 
     actors = d.tokenizer_actors
-    actor_cpus, _ = cpu_plan(actors)
+    actor_cpus = cpu_plan(actors)
     stage = {"batch_format": "pyarrow", "num_cpus": actor_cpus}  # same args => fused into the actors
     parts = [_rows(c, d, ledger, stage).map_batches(
         assign_split, batch_size=d.batch_rows, fn_kwargs={"valid_fraction": d.valid_fraction, "forced": forced,
@@ -336,12 +335,12 @@ def write_splits(ds: Any, out: PreparedData) -> dict[str, int]:
     and valid/. Returns the chunk rows per split. A shard not in the manifest was left by
     a failed and retried task: it is deleted, so nothing is counted twice."""
     staging = staging_dir(out)
-    listed: dict[str, int] = {}
+    listed: set[str] = set()
     rows = {splitting.TRAIN: 0, splitting.VALID: 0}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for split, file, n in zip(*(batch.column(c).to_pylist() for c in ("split", "file", "rows"))):
-            listed[os.path.abspath(file)] = n
-            rows[split] = rows.get(split, 0) + n
+            listed.add(os.path.abspath(file))
+            rows[split] += n
     for name, dest in ((splitting.TRAIN, out.train_dir), (splitting.VALID, out.valid_dir)):
         dest.mkdir(parents=True, exist_ok=True)  # an empty split is an empty folder
         src = staging / name
@@ -364,11 +363,11 @@ def _check_written(stats: dict, rows: dict[str, int]) -> None:
     """Chunk counts come from the manifest of the shards kept (the truth the trainer
     reads). The ledger should agree; if a retried task was counted twice it will not,
     and stats say so."""
-    for split in ("train", "valid"):
-        if rows.get(split, 0) != stats[f"chunks_{split}"]:
+    for split, n in rows.items():
+        if n != stats[f"chunks_{split}"]:
             stats.setdefault("warnings", []).append(
-                f"ledger counted {stats[f'chunks_{split}']} {split} chunks, shards hold {rows.get(split, 0)} "
+                f"ledger counted {stats[f'chunks_{split}']} {split} chunks, shards hold {n} "
                 "(a retried task is counted twice; file counts may be high too)")
             print(f"data: warning: {stats['warnings'][-1]}", flush=True)
-            stats[f"chunks_{split}"] = rows.get(split, 0)
-            stats[f"tokens_{split}"] = rows.get(split, 0) * stats["context_length"]
+            stats[f"chunks_{split}"] = n
+            stats[f"tokens_{split}"] = n * stats["context_length"]
