@@ -76,9 +76,9 @@ def test_tiny_keeps_64_and_a_batch_that_does_not_divide_is_refused():
     p = plan_batch(cfg, {"chunks_train": 6400, "chunks_valid": 10}, plan_workers(cfg, cap(2)))
     assert (p.global_batch_size, p.micro_batch_size, p.gradient_accumulation_steps, p.max_steps) == (64, 32, 1, 100)
     assert accumulation_steps(256, 32, 1) == 8
-    with pytest.raises(ConfigError, match=r"train.global_batch_size=192: not divisible by .*=256.*--micro-batch-size 24"):
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=192: not divisible by .* = 256; use --micro-batch-size 24"):
         accumulation_steps(192, 32, 8)
-    with pytest.raises(ConfigError, match=r"=96; use another --num-workers"):
+    with pytest.raises(ConfigError, match=r"= 96; use another --num-workers"):
         accumulation_steps(256, 32, 3)
     with pytest.raises(ConfigError, match="fewer than one optimizer step"):
         plan_batch(cfg, {"chunks_train": 60, "chunks_valid": 10}, plan_workers(cfg, cap(2)))
