@@ -8,13 +8,13 @@ placement group stays pending forever. The driver watches each long stage from a
   absence of resource demand that Ray cannot place;
 - when it has not moved for `stall_timeout` seconds, the watchdog prints one line naming
   the stage, the resource demand Ray reports as pending and the flag that fixes it, and
-  interrupts the driver's main thread; `stop_if_fired` turns that into a `StallError`.
+  interrupts the driver's main thread (SIGINT); `stop_if_fired` turns that into a `StallError`.
 """
 
 from __future__ import annotations
 
-import _thread
 import os
+import signal
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -98,7 +98,10 @@ class Watchdog:
                 self.message = (f"{self.stage} stage made no progress for {self.timeout_s:g}s "
                                 f"(--stall-timeout): {describe(demand)}; {FIX_HINT}")
                 print(f"[job] error: {self.message}", flush=True)
-                _thread.interrupt_main()
+                # A real SIGINT to the main thread (not _thread.interrupt_main, which
+                # leaves a blocking call asleep): Ctrl-C's path, which Ray Train turns into
+                # a graceful abort of the run.
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 if not self._stop.wait(120):  # the main thread did not come back: end it
                     os._exit(2)
                 return
@@ -114,14 +117,14 @@ class Watchdog:
             raise StallError(self.message)
 
 
-def watched(stage: str, timeout_s: float, fn: Callable[[], Any], progress: Optional[Callable[[], Any]] = None) -> Any:
+def watched(stage: str, timeout_s: float, fn: Callable[[], Any], progress: Optional[Callable[[], Any]] = None,
+            demand: Callable[[], list] = pending_demand) -> Any:
     """fn() under a Watchdog; a stall becomes a StallError instead of a KeyboardInterrupt."""
-    with Watchdog(stage, timeout_s, progress) as dog:
+    with Watchdog(stage, timeout_s, progress, demand=demand) as dog:
         try:
-            return fn()
-        except KeyboardInterrupt:
+            result = fn()
+        except BaseException:  # KeyboardInterrupt, or what Ray's own SIGINT handler makes of it
             dog.stop_if_fired()
             raise
-        except Exception:
-            dog.stop_if_fired()  # the interrupt may surface as another error inside Ray
-            raise
+        dog.stop_if_fired()  # Ray Train aborts the run on the interrupt and may return normally
+        return result
