@@ -8,9 +8,11 @@ the end of the last (start-up and the final eval are left out of both). MFU divi
 model's FLOPs per second (6 x non-position parameters + attention, per token) by a
 2048 x 2048 matmul measured here, now, with all cores.
 
-    .venv/bin/python benchmarks/train.py [--steps 40] [--files 120]
+    .venv/bin/python benchmarks/train.py [--steps 40] [--files 120] [--repeats 3]
 
-Prints one JSON line. Timings on a shared machine move with its load: rerun to compare.
+Runs `--repeats` pairs (all single-process runs first: no fork after Ray starts), pairs
+them in order and prints one JSON line with every pair, the median ratio and its range.
+Timings on a shared machine move with its load: the median of paired runs is the figure.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="precision of the distributed run (the single process stays fp32)")
     ap.add_argument("--output", default=None, help="run folder (default: a temporary one)")
+    ap.add_argument("--repeats", type=int, default=3, help="paired runs; the median ratio is reported")
     a = ap.parse_args()
 
     from training.config import JobConfig
@@ -150,25 +153,42 @@ def main() -> None:
     # path (a 2048^3 product took minutes on such a machine).
     peak_bf16 = matmul_gflops("bfloat16", n=1024, reps=3) if a.precision == "bf16" else None
     global_batch = cfg.train.global_batch_size
-    single = single_process(prepared, cfg, global_batch, a.steps)
-
-    summary = run_job(cfg, prepared=prepared)
-    ends = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
+    singles = [single_process(prepared, cfg, global_batch, a.steps) for _ in range(a.repeats)]
     peak = peak_bf16 if a.precision == "bf16" else peak_fp32
 
     def mfu(tps, peak_gflops):
         return round(tps * fpt / (peak_gflops * 1e9), 4) if tps else None
 
+    pairs = []
+    for i, single in enumerate(singles):
+        cfg.output = str(out / f"run{i}")
+        summary = run_job(cfg, prepared=prepared)
+        ends = [json.loads(x) for x in (out / f"run{i}" / "metrics.jsonl").read_text().splitlines()]
+        steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
+        pairs.append({
+            "distributed": {"tokens_per_s": steady, "mfu": mfu(steady, peak), "zero_stage": summary["zero_stage"],
+                            "final_train_loss": summary["final_train_loss"],
+                            "final_eval_loss": summary["final_eval_loss"]},
+            "single_process": {**single, "mfu": mfu(single["tokens_per_s"], peak_fp32)},
+            "ratio": round(steady / single["tokens_per_s"], 3) if steady and single["tokens_per_s"] else None,
+        })
+    ratios = sorted(p["ratio"] for p in pairs if p["ratio"])
+
+    def median(xs):
+        xs = sorted(x for x in xs if x)
+        return xs[len(xs) // 2] if xs else None
+
     print(json.dumps({
         "benchmark": "train",
         "model": f"gpt2 {cfg.model.n_layer}x{cfg.model.n_embd}, vocab {cfg.data.vocab_size}, ctx {cfg.data.context_length}",
         "steps": a.steps, "global_batch": global_batch, "tokens_per_step": global_batch * cfg.data.context_length,
-        "distributed": {"workers": a.workers, "zero_stage": summary["zero_stage"], "precision": a.precision,
-                        "tokens_per_s": steady, "mfu": mfu(steady, peak),
-                        "final_train_loss": summary["final_train_loss"], "final_eval_loss": summary["final_eval_loss"]},
-        "single_process": {**single, "precision": "fp32", "mfu": mfu(single["tokens_per_s"], peak_fp32)},
-        "ratio": round(steady / single["tokens_per_s"], 3) if steady and single["tokens_per_s"] else None,
+        "workers": a.workers, "precision": a.precision, "repeats": a.repeats,
+        "median_ratio": median(ratios), "ratio_range": [ratios[0], ratios[-1]] if ratios else None,
+        "median_tokens_per_s": {"distributed": median(p["distributed"]["tokens_per_s"] for p in pairs),
+                                "single_process": median(p["single_process"]["tokens_per_s"] for p in pairs)},
+        "median_mfu": {"distributed": median(p["distributed"]["mfu"] for p in pairs),
+                       "single_process": median(p["single_process"]["mfu"] for p in pairs)},
+        "pairs": pairs,
         "matmul_gflops": {"fp32": round(peak_fp32, 1), "bf16": round(peak_bf16, 1) if peak_bf16 else None},
         "flops_per_token": fpt,
         "cores": os.cpu_count(),

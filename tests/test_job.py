@@ -335,6 +335,7 @@ def test_resume_continues_a_stopped_run_from_its_latest_checkpoint(small_corpus,
     args = tiny_args(small_corpus, out, max_steps=6, every=2)
     first = run_cli([*args, "--max-failures", "0"], env={"CODECOMPLETE_FAIL_AT_STEP": "5"})
     assert first.returncode != 0  # the run stopped (a worker died, no retries allowed)
+    assert (out / "failure_injected.txt").is_file(), (first.stdout[-3000:], first.stderr[-3000:])
     assert not (out / "run.json").exists()
     second = run_cli(["--preset", "tiny", "--resume", str(out), *args[2:]])
     assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-3000:])
