@@ -34,3 +34,16 @@ def test_cached_batches_reads_the_stream_once_and_replays_it():
     assert [b["x"] for b in it] == [0, 1, 2]
     assert [b["x"] for b in it] == [0, 1, 2]
     assert len(reads) == 1
+
+
+def test_scratch_dir_is_cleared_on_entry_so_a_killed_attempt_leaves_nothing():
+    import os
+
+    from training.train_loop import scratch_dir
+
+    d = scratch_dir("test_run_scratch", 3)
+    os.makedirs(os.path.join(d, "checkpoint-4", "global_step4"))
+    open(os.path.join(d, "checkpoint-4", "global_step4", "zero_pp_rank_3_mp_rank_00_optim_states.pt"), "w").close()
+    again = scratch_dir("test_run_scratch", 3)  # the restarted attempt on the same node
+    assert again == d and os.listdir(again) == []
+    os.rmdir(again)
