@@ -3,6 +3,10 @@
 Every run here is tiny (2 layers, 64 wide, vocab 1,000, a few steps on 40 stdlib files)
 but goes through the whole path a user's run takes: `training/run.py`, the data stage,
 TorchTrainer with 2 CPU workers, Ray Train checkpoints, the export to OUTPUT/model.
+Heads are started as a user starts them (`ray start --head --num-cpus 1` or `2`, own ports
+and auth token) and jobs go in with `ray job submit`. One 7-step run on the 2-CPU head is
+shared by the tests of its batch plan, ZeRO-2 shards, schedule, final eval, checkpoint
+disk use and fp32 export; the gradient-averaging pair runs 3 steps each.
 """
 
 from __future__ import annotations
