@@ -70,7 +70,9 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
         probs = torch.softmax(part, dim=-1)
         scaled[idx] = part.masked_fill(probs < _nucleus_floor(probs, p[idx]), ninf)
 
-    weights = torch.exp(scaled)  # unnormalised; the best token weighs exactly 1
+    # Unnormalised; the best token weighs exactly 1. Below e^-80 (relative to the best token)
+    # a weight is negligible and exp would return subnormals, which are very slow on CPUs.
+    weights = torch.exp(scaled.masked_fill(scaled < -80.0, ninf))
     cdf = weights.double().cumsum(dim=-1)
     x = torch.tensor(list(u), dtype=torch.float64)[:, None] * cdf[:, -1:]
     # First index whose cdf exceeds x: a token of non-zero weight (the cdf steps up there).
