@@ -53,6 +53,9 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
     scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) * inv_t[:, None]
     ninf = float("-inf")
+    # Below e^-80 of the best token a weight is negligible; dropping it also keeps exp off
+    # subnormal results, which take a very slow path on CPUs (most of a step's sampling time).
+    scaled = scaled.masked_fill(scaled < -80.0, ninf)
 
     k = torch.tensor(list(top_k), dtype=torch.long)
     need_k = (k > 0) & (k < vocab)
@@ -62,17 +65,20 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
         threshold = torch.where(need_k[:, None], kth, torch.full_like(kth, ninf))
         scaled = scaled.masked_fill(scaled < threshold, ninf)  # the best token (0) always stays
 
+    weights = torch.exp(scaled)  # unnormalised; the best token weighs exactly 1
     p = torch.tensor(list(top_p), dtype=torch.float64)
     need_p = p < 1.0
     if bool(need_p.any()):
-        idx = need_p.nonzero().squeeze(1)
-        part = scaled[idx]
-        probs = torch.softmax(part, dim=-1)
-        scaled[idx] = part.masked_fill(probs < _nucleus_floor(probs, p[idx]), ninf)
+        every = bool(need_p.all())
+        idx = None if every else need_p.nonzero().squeeze(1)
+        w = weights if every else weights[idx]
+        probs = w / w.sum(dim=-1, keepdim=True)
+        w = w.masked_fill(probs < _nucleus_floor(probs, p if every else p[idx]), 0.0)
+        if every:
+            weights = w
+        else:
+            weights[idx] = w
 
-    # Unnormalised; the best token weighs exactly 1. Below e^-80 (relative to the best token)
-    # a weight is negligible and exp would return subnormals, which are very slow on CPUs.
-    weights = torch.exp(scaled.masked_fill(scaled < -80.0, ninf))
     cdf = weights.double().cumsum(dim=-1)
     x = torch.tensor(list(u), dtype=torch.float64)[:, None] * cdf[:, -1:]
     # First index whose cdf exceeds x: a token of non-zero weight (the cdf steps up there).
@@ -80,7 +86,7 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     # u close to 1 can round past the last kept token: fall back to the best token then.
     stray = weights.gather(1, pos) == 0
     if bool(stray.any()):
-        pos = torch.where(stray, scaled.argmax(dim=-1, keepdim=True), pos)
+        pos = torch.where(stray, weights.argmax(dim=-1, keepdim=True), pos)
     return pos.squeeze(1)
 
 
