@@ -261,6 +261,9 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
                   "eval_loss": ck_metrics.get("eval_loss"), "sample": sample})
     summary.update({"precision": precision, "parameters": n_params, "run_name": run_name, "storage_path": storage})
     write_json(out / "run.json", summary)
+    from training.model_card import write_model_card
+
+    write_model_card(out, model_dir)  # README.md: the folder can be pushed to a hub as is
     print(f"[job] done in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, train loss "
           f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}, "
           f"{summary['tokens_per_s']} tok/s -> {model_dir}", flush=True)
