@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import bearer_dependency
 from app.errors import APIError, BodyLimitMiddleware, error_body, install_error_handlers
+from app.playground import install_playground
 from app.schemas import (CompleteRequest, CompleteResponse, CompletionChoice, CompletionRequest,
                          CompletionResponse, CompletionUsage, ModelCard, ModelList, Usage)
 from serving.engine import Delta, SamplingParams
@@ -63,6 +64,7 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     auth = [Depends(bearer_dependency(api_key))]
+    install_playground(app)  # GET /: a page to try the model (it calls the routes below)
 
     @app.get("/health")
     async def health() -> JSONResponse:
