@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,6 +33,7 @@ class _Group:
     def __init__(self, rows: list, encoded: list[list[int]], emit: Emit):
         self.rows, self.encoded, self.emit = rows, encoded, emit
         self.left = len(rows)
+        self.submitted = time.perf_counter()  # for time-to-first-token
 
 
 class DecodeLoop:
@@ -42,6 +44,10 @@ class DecodeLoop:
         self._start = threading.Lock()
         self.steps = 0  # decode steps run (for tests and stats)
         self.max_rows_seen = 0  # the most rows that ever decoded together
+        # Optional: gets step(rows, waiting, first_token_s, finished) after every step
+        # (serving/service_metrics.py); None records nothing.
+        self.observer: Optional[Any] = None
+        self._done_rows: list = []  # rows that finished in the last step, for the observer
 
     def submit(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                incremental: Sequence[bool], emit: Emit) -> None:
@@ -61,6 +67,8 @@ class DecodeLoop:
             next_ids: list[int] = []
             while True:
                 if not members and not pending:
+                    if self.observer is not None:
+                        self.observer.step(0, 0, [], [])  # idle: the gauges say so
                     pending.append(self._inbox.get())  # idle: sleep until work arrives
                 while True:
                     try:
@@ -72,12 +80,22 @@ class DecodeLoop:
                 while pending and (len(pending[0].rows) <= room or not (members or joining)):
                     room -= len(pending[0].rows)
                     joining.append(pending.popleft())
+                rows = len(members) + sum(len(g.rows) for g in joining)
                 try:
                     state, members, next_ids = self._step(state, members, next_ids, joining)
                 except BaseException as e:  # every request in the batch gets the error
                     for g in list({id(g): g for g, _ in members}.values()) + joining:
                         g.emit(e)
                     state, members, next_ids = None, [], []
+                if self.observer is not None:
+                    self._observe(rows, pending, joining)
+
+    def _observe(self, rows: int, pending: deque, joining: list[_Group]) -> None:
+        """Report a step: rows that decoded, requests waiting, first tokens, finished requests."""
+        now = time.perf_counter()
+        finished, self._done_rows = [(r.prompt_tokens, r.generated) for r in self._done_rows], []
+        self.observer.step(rows, sum(len(g.rows) for g in pending) + self._inbox.qsize(),
+                           [now - g.submitted for g in joining for _ in g.rows], finished)
 
     def _step(self, state: Optional[BatchState], members: list[tuple[_Group, int]], next_ids: list[int],
               joining: list[_Group]) -> tuple[Optional[BatchState], list[tuple[_Group, int]], list[int]]:
@@ -97,6 +115,8 @@ class DecodeLoop:
         self.max_rows_seen = max(self.max_rows_seen, len(members))
         ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
                                            torch.cat(logits) if len(logits) > 1 else logits[0])
+        if self.observer is not None:
+            self._done_rows = [g.rows[i] for g, i in members if g.rows[i].done]
 
         steps: dict[int, tuple[_Group, list[Optional[Delta]]]] = {}
         for (g, i), delta in zip(members, deltas):
