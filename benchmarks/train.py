@@ -80,7 +80,7 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
             return {"input_ids": ids, "labels": ids}
 
     t = cfg.train
-    tokens_per_step = global_batch * t.gradient_accumulation_steps * cfg.data.context_length
+    tokens_per_step = global_batch * cfg.data.context_length
     meter = Throughput(0, steps, tokens_per_step)
 
     class Timer(TrainerCallback):
@@ -92,7 +92,7 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=global_batch, per_device_eval_batch_size=global_batch,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+            gradient_accumulation_steps=1, learning_rate=t.learning_rate,
             lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
             max_steps=steps, logging_steps=t.logging_steps, eval_strategy="no", save_strategy="no",
             report_to=[], disable_tqdm=True, seed=t.seed, use_cpu=True, dataloader_pin_memory=False,
@@ -135,6 +135,7 @@ def main() -> None:
     cfg.train.warmup_steps = max(1, a.steps // 10)
     cfg.train.max_failures = 0
     cfg.train.precision = a.precision
+    cfg.train.global_batch_size = a.workers * cfg.train.micro_batch_size
     cfg.validate()
 
     prepared = prepare_data(cfg)  # also starts the local Ray cluster the job reuses
@@ -148,7 +149,7 @@ def main() -> None:
     # Only where asked: CPUs without avx512_bf16/AMX run bf16 matmuls on a slow reference
     # path (a 2048^3 product took minutes on such a machine).
     peak_bf16 = matmul_gflops("bfloat16", n=1024, reps=3) if a.precision == "bf16" else None
-    global_batch = a.workers * cfg.train.micro_batch_size
+    global_batch = cfg.train.global_batch_size
     single = single_process(prepared, cfg, global_batch, a.steps)
 
     summary = run_job(cfg, prepared=prepared)

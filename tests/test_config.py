@@ -13,7 +13,7 @@ def test_gpt2_small_preset_is_the_course_recipe():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (12, 12, 768)
     assert cfg.data.context_length == 128
     t = cfg.train
-    assert (t.micro_batch_size, t.gradient_accumulation_steps) == (32, 8)
+    assert (t.micro_batch_size, t.global_batch_size) == (32, 256)  # 32 x grad-accum 8 on one device
     assert (t.learning_rate, t.lr_scheduler_type, t.warmup_steps, t.weight_decay) == (5e-4, "cosine", 1000, 0.1)
     assert t.num_epochs == 1 and t.eval_steps == t.logging_steps == t.save_steps == 5000
 
@@ -43,6 +43,9 @@ def test_flags_override_preset_and_coerce_types():
     (["--tokenizer", "no/such/dir"], "data.tokenizer"),
     (["--precision", "fp8"], "train.precision"),
     (["--shuffle-buffer", "-1"], "train.shuffle_buffer"),
+    (["--global-batch-size", "0"], "train.global_batch_size"),
+    (["--cpus-per-worker", "-0.5"], "train.cpus_per_worker"),
+    (["--stall-timeout", "-1"], "train.stall_timeout"),
 ])
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

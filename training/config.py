@@ -111,14 +111,17 @@ class TrainConfig:
     use_gpu: Optional[bool] = None
     """Train on GPUs (NCCL) or CPUs (gloo). None: GPUs exactly when the cluster has them."""
 
-    cpus_per_worker: int = 1
-    """Logical CPUs each training worker reserves."""
+    cpus_per_worker: Optional[float] = None
+    """Logical CPUs each training worker reserves (fractions allowed). None: 1 on GPU workers;
+    CPU workers together take at most half of the cluster's CPUs (at most 1 each), so that
+    Ray Data's reads of the stream always have room."""
+
+    global_batch_size: int = 256
+    """Sequences per optimizer step over all workers (the recipe: 32 x grad-accum 8 = 256).
+    Gradient accumulation is derived: global / (micro_batch_size x workers)."""
 
     micro_batch_size: int = 32
     """Chunks per worker per forward pass (the seed: 32)."""
-
-    gradient_accumulation_steps: int = 8
-    """Micro-batches summed before each optimizer step (the seed: 8)."""
 
     learning_rate: float = 5e-4
     """Peak learning rate (the seed: 5e-4)."""
@@ -172,7 +175,11 @@ class TrainConfig:
     node can reach. None: OUTPUT/ray_results."""
 
     resume: Optional[str] = None
-    """An earlier run's OUTPUT folder: continue from its latest checkpoint."""
+    """An earlier run's OUTPUT folder: continue from its latest checkpoint (same worker count)."""
+
+    stall_timeout: float = 300.0
+    """Seconds a stage (data stage, worker start, training stream) may make no progress
+    before the job fails with the pending resource demand named. 0 disables the watchdog."""
 
 
 @dataclass
@@ -246,8 +253,10 @@ class JobConfig:
         _check(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"must be divisible by model.n_head={m.n_head}")
         _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
         _check(t.num_workers is None or t.num_workers >= 1, "train.num_workers", t.num_workers, "must be >= 1")
-        _check(t.cpus_per_worker >= 0, "train.cpus_per_worker", t.cpus_per_worker, "must be >= 0")
-        for name in ("micro_batch_size", "gradient_accumulation_steps", "num_epochs", "eval_steps",
+        _check(t.cpus_per_worker is None or t.cpus_per_worker >= 0, "train.cpus_per_worker", t.cpus_per_worker,
+               "must be >= 0")
+        _check(t.stall_timeout >= 0, "train.stall_timeout", t.stall_timeout, "must be >= 0 (0: no watchdog)")
+        for name in ("micro_batch_size", "global_batch_size", "num_epochs", "eval_steps",
                      "logging_steps", "save_steps", "keep_checkpoints"):
             _check(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "must be >= 1")
         _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")

@@ -26,10 +26,39 @@ def pick_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
     return result.checkpoint, dict(result.metrics or {})
 
 
-def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors (+ generation config) + the tokenizer to out_dir."""
-    from transformers import AutoModelForCausalLM
+def zero_checkpoint_dir(src: Path) -> Optional[Path]:
+    """The DeepSpeed checkpoint inside an HF checkpoint folder (global_stepN/ + `latest`)."""
+    return src if (src / "latest").is_file() and any(src.glob("global_step*")) else None
 
+
+def load_fp32_model(src: Path) -> Any:
+    """The model with its fp32 master weights.
+
+    Under bf16/fp16 the module weights HF saves are 16-bit roundings of the weights the
+    optimizer keeps; the fp32 ones live in the ZeRO optimizer shards. DeepSpeed's
+    zero_to_fp32 gathers them from all ranks' shards (every rank's shard is in the Ray Train
+    checkpoint). Without a ZeRO checkpoint, the saved weights are loaded as fp32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ds_dir = zero_checkpoint_dir(src)
+    if ds_dir is None:
+        return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(src)), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # tied to the input embedding
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"ZeRO checkpoint in {src} does not match the model: missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    return model
+
+
+def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write config.json + fp32 model.safetensors (+ generation config) + the tokenizer to out_dir."""
     from training.tokenizer import load_tokenizer
 
     out = Path(out_dir)
@@ -39,7 +68,7 @@ def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path
         src = Path(d) / HF_SUBDIR
         if not (src / "config.json").is_file():
             raise RuntimeError(f"checkpoint {checkpoint.path} has no Hugging Face model under {HF_SUBDIR}/")
-        model = AutoModelForCausalLM.from_pretrained(str(src))
+        model = load_fp32_model(src)
     model.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(tokenizer_dir).save_pretrained(str(out))
     return out
@@ -54,8 +83,7 @@ def smoke_generate(model_dir: str | Path, prompt: str = "def fibonacci(n):\n", m
     return out[0]["generated_text"]
 
 
-def summarize(events: list[dict[str, Any]], *, workers: int, device: str, zero_stage: int,
-              max_steps: int, tokens_per_step: int, wall_s: float,
+def summarize(events: list[dict[str, Any]], *, workers: int, device: str, max_steps: int, tokens_per_step: int, wall_s: float,
               exported: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """run.json: what ran, how fast, how well. Built from metrics.jsonl's events."""
     logs = [e for e in events if e.get("event") == "log"]
@@ -70,7 +98,8 @@ def summarize(events: list[dict[str, Any]], *, workers: int, device: str, zero_s
     return {
         "workers": workers,
         "device": device,
-        "zero_stage": zero_stage,
+        # as the DeepSpeed engine that ran reported it (rank 0, attempt_start), not the config file
+        "zero_stage": attempts[-1].get("zero_stage") if attempts else None,
         "steps": final_step,
         "max_steps": max_steps,
         "tokens_per_step": tokens_per_step,

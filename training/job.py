@@ -9,8 +9,11 @@ Worker-count rule (documented in docs/training.md): the cluster's capacity is th
 of what it has now and what its autoscaler may add (the node groups' max counts from the
 autoscaler's cluster config). A run is rejected only when num_workers x cpus_per_worker
 (or num_workers GPUs) exceeds that capacity, so a head with 0 CPUs that can scale up is
-accepted. The default is one worker per GPU on a GPU cluster, else 2 CPU workers (fewer
-if the cluster can never hold 2).
+accepted. The default is one worker per GPU on a GPU cluster, else 2 CPU workers with
+fractional CPU reservations that leave Ray Data room to read (training/plan.py).
+
+Every long stage (data, worker probe, training) runs under a stall watchdog
+(training/watchdog.py): no progress for --stall-timeout is one error line, never a hang.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from training.config import ConfigError, JobConfig, resolve_path
+from training.plan import choose_precision, plan_batch, plan_for_resume, plan_workers
+from training.watchdog import StallError, watched
 
-DEFAULT_CPU_WORKERS = 2
 RUN_STATE = "run_state.json"  # the Ray Train run name + storage that --resume continues
 
 
@@ -46,7 +50,8 @@ def load_deepspeed_config(path: str) -> dict[str, Any]:
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config={path!r}: zero_optimization.stage must be 0, 1, 2 or 3")
     if raw.get("train_batch_size") == "auto":
-        # HF fills it for world size 1 while DeepSpeed sees N ranks and asserts (STACK-NOTES).
+        # On CPU workers accelerate reports world size 1, so HF would fill it with
+        # micro x accum x 1 while DeepSpeed sees N ranks and asserts (docs/training.md).
         raise ConfigError(f"train.deepspeed_config={path!r}: drop \"train_batch_size\": \"auto\" "
                           "(it is derived from micro batch x grad-accum x workers)")
     return raw
@@ -57,16 +62,6 @@ def check_schedule(cfg: JobConfig) -> None:
     if t.save_steps % t.eval_steps != 0:
         raise ConfigError(f"train.save_steps={t.save_steps}: must be a multiple of train.eval_steps="
                           f"{t.eval_steps} (checkpoints are ranked by the eval loss of their step)")
-
-
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    if precision != "auto":
-        return precision
-    if not use_gpu:
-        return "fp32"
-    import torch
-
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp16"
 
 
 # ---- the cluster -------------------------------------------------------------------------
@@ -90,64 +85,24 @@ def cluster_capacity() -> dict[str, float]:
     return cap
 
 
-def plan_workers(cfg: JobConfig, cap: dict[str, float]) -> tuple[int, bool]:
-    """(num_workers, use_gpu) for this cluster, or a ConfigError naming the field."""
-    t = cfg.train
-    use_gpu = t.use_gpu if t.use_gpu is not None else cap["GPU"] > 0
-    if use_gpu and cap["GPU"] < 1:
-        raise ConfigError("train.use_gpu=True: the cluster has no GPUs and cannot get any")
-    if t.num_workers is not None:
-        n = t.num_workers
-    elif use_gpu:
-        n = int(cap["GPU"])
-    else:
-        fit = int(cap["CPU"] // t.cpus_per_worker) if t.cpus_per_worker else DEFAULT_CPU_WORKERS
-        n = max(1, min(DEFAULT_CPU_WORKERS, fit))
-    need_cpu = n * t.cpus_per_worker
-    if need_cpu > cap["CPU"]:
-        scale = " (autoscaler max included)" if cap["autoscaling"] else ""
-        raise ConfigError(f"train.num_workers={n}: needs {need_cpu:g} CPUs ({n} x train.cpus_per_worker="
-                          f"{t.cpus_per_worker}) but the cluster can offer at most {cap['CPU']:g}{scale}")
-    if use_gpu and n > cap["GPU"]:
-        raise ConfigError(f"train.num_workers={n}: needs {n} GPUs but the cluster can offer at most {cap['GPU']:g}")
-    if not use_gpu and need_cpu >= cap["CPU"]:
-        print(f"[job] warning: {n} workers take all {cap['CPU']:g} CPUs; Ray Data needs a CPU to read "
-              "the stream and may stall (lower --num-workers or --cpus-per-worker)", flush=True)
-    return n, use_gpu
-
-
-def steps_per_epoch(chunks_train: int, workers: int, micro: int, accum: int) -> int:
-    # Ray Data splits the stream into equal shards; each optimizer step eats
-    # micro x accum chunks on every worker.
-    return (chunks_train // workers) // (micro * accum)
-
-
-def plan_steps(cfg: JobConfig, stats: dict[str, Any], workers: int) -> int:
-    t = cfg.train
-    per_epoch = steps_per_epoch(int(stats["chunks_train"]), workers, t.micro_batch_size, t.gradient_accumulation_steps)
-    if per_epoch < 1 and t.max_steps is None:
-        raise ConfigError(f"data.corpus: {stats['chunks_train']} training chunks are fewer than one optimizer step "
-                          f"({workers} workers x {t.micro_batch_size} micro-batch x {t.gradient_accumulation_steps} "
-                          "grad-accum); use a larger corpus or smaller --micro-batch-size")
-    if int(stats.get("chunks_valid", 0)) < workers:
-        raise ConfigError(f"data.valid_fraction: the validation split has {stats.get('chunks_valid', 0)} chunks, "
-                          f"fewer than the {workers} workers that each evaluate a shard of it; raise "
-                          "--valid-fraction or give --valid-corpus")
-    return t.max_steps or per_epoch * t.num_epochs
-
-
 # ---- run identity (fresh or --resume) -----------------------------------------------------
 
 
-def run_identity(cfg: JobConfig, out: Path) -> tuple[str, str]:
+def saved_state(cfg: JobConfig) -> Optional[dict[str, Any]]:
+    """The resumed run's run_state.json (None for a fresh run)."""
+    if not cfg.train.resume:
+        return None
+    state_file = Path(cfg.train.resume) / RUN_STATE
+    if not state_file.is_file():
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: no {RUN_STATE} there (not a run folder of this job)")
+    return json.loads(state_file.read_text())
+
+
+def run_identity(cfg: JobConfig, out: Path, state: Optional[dict[str, Any]]) -> tuple[str, str]:
     """(run name, storage path). A fresh run gets a new name; --resume reuses the old one,
     and Ray Train then restores its checkpoint manager from storage and hands the workers
     the latest checkpoint."""
-    if cfg.train.resume:
-        state_file = Path(cfg.train.resume) / RUN_STATE
-        if not state_file.is_file():
-            raise ConfigError(f"train.resume={cfg.train.resume!r}: no {RUN_STATE} there (not a run folder of this job)")
-        state = json.loads(state_file.read_text())
+    if state is not None:
         return state["run_name"], state["storage_path"]
     storage = cfg.train.storage_path or str(out / "ray_results")
     if "://" not in storage:
@@ -168,70 +123,89 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     out = Path(cfg.output).expanduser().resolve()
     ds_config = load_deepspeed_config(t.deepspeed_config)
     check_schedule(cfg)
+    state = saved_state(cfg)
+    if state is not None:
+        t.num_workers = plan_for_resume(cfg, state)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.export import export_model, pick_checkpoint, smoke_generate, summarize, write_json
     from training.metrics import plot_loss, read_metrics, start_sink
     from training.model import count_parameters, gpt2_config
+    from training.preflight import check_probes, gpu_probe, probe_workers
     from training.ray_utils import init_ray
     from training.tokenizer import load_tokenizer
     from training.train_loop import train_func
 
     init_ray()
     cap = cluster_capacity()
-    workers, use_gpu = plan_workers(cfg, cap)
-    precision = resolve_precision(t.precision, use_gpu)
+    plan = plan_workers(cfg, cap)
     print(f"[job] cluster: {cap['CPU_now']:g} CPUs, {cap['GPU_now']:g} GPUs now (max {cap['CPU']:g}/{cap['GPU']:g}); "
-          f"training on {workers} {'GPU' if use_gpu else 'CPU'} workers, {precision}, "
-          f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}", flush=True)
+          f"training on {plan.workers} {'GPU' if plan.use_gpu else 'CPU'} workers x {plan.cpus_per_worker:g} CPU, "
+          f"stream reads {plan.read_cpus:g} CPU, ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}",
+          flush=True)
 
     if prepared is None:
         from training.data.pipeline import prepare_data
 
-        prepared = prepare_data(cfg)
-    max_steps = plan_steps(cfg, prepared.stats, workers)
+        prepared = watched("data", t.stall_timeout, lambda: prepare_data(cfg))
+    plan = plan_batch(cfg, prepared.stats, plan)
     tokenizer = load_tokenizer(prepared.tokenizer_dir)
     model_config = gpt2_config(cfg.model, cfg.data, tokenizer)
-    tokens_per_step = workers * t.micro_batch_size * t.gradient_accumulation_steps * cfg.data.context_length
+    tokens_per_step = plan.global_batch_size * cfg.data.context_length
 
-    run_name, storage = run_identity(cfg, out)
+    run_name, storage = run_identity(cfg, out, state)
+    probes = watched("worker probe", t.stall_timeout, lambda: probe_workers(
+        plan.workers, plan.use_gpu, plan.cpus_per_worker, [str(prepared.train_dir), str(prepared.valid_dir)], storage))
+    check_probes(probes, storage, cfg.output)
+    gpus = gpu_probe(probes)
+    precision = choose_precision(t.precision, plan.use_gpu, gpus)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RUN_STATE, {"run_name": run_name, "storage_path": storage, "max_steps": max_steps,
-                                 "workers": workers, "config": cfg.to_dict()})
+    write_json(out / RUN_STATE, {"run_name": run_name, "storage_path": storage, "max_steps": plan.max_steps,
+                                 "workers": plan.workers, "plan": plan.to_dict(), "config": cfg.to_dict()})
     sink = start_sink(out / "metrics.jsonl")
 
     from transformers import GPT2LMHeadModel
 
     n_params = count_parameters(GPT2LMHeadModel(model_config))
     print(f"[job] model: GPT-2 {cfg.model.n_layer}x{cfg.model.n_embd}, {n_params / 1e6:.2f} M parameters, "
-          f"vocab {model_config.vocab_size}; {prepared.stats['chunks_train']:,} train chunks -> {max_steps} steps of "
-          f"{tokens_per_step:,} tokens; run {run_name} in {storage}", flush=True)
+          f"vocab {model_config.vocab_size}, {precision}{' on ' + ', '.join(gpus['gpus']) if gpus['gpus'] else ''}; "
+          f"{prepared.stats['chunks_train']:,} train chunks -> {plan.max_steps} steps of {plan.global_batch_size} "
+          f"sequences ({plan.workers} workers x micro-batch {plan.micro_batch_size} x grad-accum "
+          f"{plan.gradient_accumulation_steps}); run {run_name} in {storage}", flush=True)
 
     fail_at = os.environ.get("CODECOMPLETE_FAIL_AT_STEP")  # test-only failure injector
+    skip_reduce = os.environ.get("CODECOMPLETE_TEST_SKIP_REDUCE_RANK")  # test-only: break gradient averaging
     loop_config = {
         "train": asdict(t),
         "model_config": model_config.to_dict(),
         "context_length": cfg.data.context_length,
         "deepspeed": ds_config,
         "precision": precision,
-        "use_gpu": use_gpu,
-        "max_steps": max_steps,
+        "use_gpu": plan.use_gpu,
+        "max_steps": plan.max_steps,
+        "global_batch_size": plan.global_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "run_name": run_name,
         "sink": sink,
         "fail_at_step": int(fail_at) if fail_at else None,
         "fail_marker": str(out / "failure_injected.txt") if fail_at else None,
+        "skip_reduce_rank": int(skip_reduce) if skip_reduce else None,
     }
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    read = {"ray_remote_args": {"num_cpus": plan.read_cpus}}
+    train_ds = ray.data.read_parquet(str(prepared.train_dir), **read)
+    if t.shuffle_buffer:  # blocks in a seeded random order, then each worker's shuffle buffer (train_loop)
+        train_ds = train_ds.randomize_block_order(seed=t.seed)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        # Blocks in a seeded random order, then each worker's shuffle buffer (train_loop).
-        datasets={"train": ray.data.read_parquet(str(prepared.train_dir)).randomize_block_order(seed=t.seed),
-                  "valid": ray.data.read_parquet(str(prepared.valid_dir))},
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        datasets={"train": train_ds, "valid": ray.data.read_parquet(str(prepared.valid_dir), **read)},
+        dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage,
@@ -242,7 +216,9 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         ),
     )
     try:
-        result = trainer.fit()
+        result = watched("training", t.stall_timeout, trainer.fit, progress=lambda: ray.get(sink.beats.remote(), timeout=30))
+    except StallError:
+        raise
     except Exception:
         print(f"[job] training failed after {t.max_failures} restart(s); its checkpoints are kept: continue with "
               f"`python training/run.py --resume {out}` (plus the same flags)", flush=True)
@@ -252,14 +228,16 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     model_dir = export_model(checkpoint, prepared.tokenizer_dir, out / "model")
     sample = smoke_generate(model_dir)
     events = read_metrics(out / "metrics.jsonl")
-    plot_loss(events, out / "loss.png", title=f"{cfg.preset}: {workers} workers, ZeRO-2")
+    plot_loss(events, out / "loss.png", title=f"{cfg.preset}: {plan.workers} workers, ZeRO-2")
     summary = summarize(
-        events, workers=workers, device="gpu" if use_gpu else "cpu",
-        zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
-        max_steps=max_steps, tokens_per_step=tokens_per_step, wall_s=time.time() - t0,
+        events, workers=plan.workers, device="gpu" if plan.use_gpu else "cpu",
+        max_steps=plan.max_steps, tokens_per_step=tokens_per_step, wall_s=time.time() - t0,
         exported={"checkpoint": checkpoint.path, "step": ck_metrics.get("step"),
                   "eval_loss": ck_metrics.get("eval_loss"), "sample": sample})
-    summary.update({"precision": precision, "parameters": n_params, "run_name": run_name, "storage_path": storage})
+    summary.update({"precision": precision, "parameters": n_params, "run_name": run_name, "storage_path": storage,
+                    "global_batch_size": plan.global_batch_size, "micro_batch_size": plan.micro_batch_size,
+                    "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+                    "cpus_per_worker": plan.cpus_per_worker})
     write_json(out / "run.json", summary)
     from training.model_card import write_model_card
 

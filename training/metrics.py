@@ -36,9 +36,18 @@ class MetricsSink:
 
     def __init__(self, path: str):
         self._log = MetricsLog(path)
+        self._beats = 0
 
     def log(self, event: dict[str, Any]) -> None:
         self._log.write(event)
+        self._beats += 1
+
+    def beat(self) -> None:
+        """A worker made progress (a micro-batch, a step, an eval batch): the stall watchdog's signal."""
+        self._beats += 1
+
+    def beats(self) -> int:
+        return self._beats
 
     def ping(self) -> bool:
         return True

@@ -1,14 +1,15 @@
 """The per-worker function: Hugging Face `Trainer` + DeepSpeed ZeRO-2 on a Ray Data shard.
 
-Ray Train runs `train_func` once in every worker process. Each worker builds the same
-GPT-2 from the same seed, reads its own shard of the Ray Data stream
-(`get_dataset_shard` + `iter_torch_batches`) and lets DeepSpeed reduce the gradients.
+Ray Train runs `train_func` (at the bottom, read it first) once in every worker process.
+Each worker builds the same GPT-2 from the same seed, reads its own shard of the Ray Data
+stream (`get_dataset_shard` + `iter_torch_batches`) and lets DeepSpeed reduce the
+gradients. The pieces above it exist because of two facts about CPU workers, explained in
+docs/training.md ("What the job relies on"):
 
-Two facts about CPU workers shape this file (STACK-NOTES):
 - Without CUDA, accelerate believes every rank is "process 0 of 1": HF's own losses are
   then rank-local and every rank thinks it should log and save. So losses are averaged
-  over ranks here (`RankAwareTrainer.log`), files are written by rank 0 only, and each
-  rank saves its Hugging Face checkpoint in a private temporary folder.
+  over ranks here (`RankAwareTrainer.log`), events are sent by rank 0 only, and each rank
+  saves its Hugging Face checkpoint in a scratch folder of its own.
 - Ray Train merges the files that all ranks report for one checkpoint into one folder,
   so each rank hands over only the files it owns (`owned_by`): its own ZeRO optimizer
   shard, and rank 0 everything shared. No file is written by two ranks.
@@ -22,13 +23,21 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import ray.train
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.training_args import ParallelMode
 
 RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_|bf16_zero_pp_rank_)(\d+)")
+BEAT_EVERY_S = 2.0  # at most one heartbeat per this many seconds per rank
 
 
 def owned_by(rel_path: str) -> int:
@@ -37,15 +46,20 @@ def owned_by(rel_path: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+class TokenCollate(NumpyBatchCollateFn):
     """Parquet list<int32> columns -> int64 [batch, context] tensors (labels included:
     prepare_trainer skips Trainer's data collator, so the batch must be complete)."""
-    out = {}
-    for key in ("input_ids", "labels"):
-        col = batch[key]
-        arr = np.stack(list(col)) if col.dtype == object else np.asarray(col)
-        out[key] = torch.as_tensor(arr.astype(np.int64))
-    return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in ("input_ids", "labels"):
+            col = batch[key]
+            arr = np.stack(list(col)) if col.dtype == object else np.asarray(col)
+            out[key] = torch.as_tensor(arr.astype(np.int64))
+        return out
+
+
+collate = TokenCollate()
 
 
 def cached_batches(stream: Any) -> Any:
@@ -82,156 +96,196 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
+def scratch_dir(run_name: str, rank: int) -> str:
+    """This rank's folder for HF's local checkpoints. A fixed name per run and rank, cleared
+    on entry, so an attempt killed before its `finally` leaves nothing behind for long:
+    the restarted attempt on that node removes it."""
+    d = os.path.join(tempfile.gettempdir(), f"codecomplete_{run_name}_rank{rank}")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    return d
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+
+# ---- the Trainer and its callbacks -------------------------------------------------------------
 
 
-def train_func(config: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-    from transformers.training_args import ParallelMode
+class RankAwareTrainer(Trainer):
+    """HF Trainer whose logged losses and eval gather span all Ray Train ranks."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t = config["train"]
-    sink = config.get("sink")
-    max_steps = int(config["max_steps"])
-    tokens_per_step = world * t["micro_batch_size"] * t["gradient_accumulation_steps"] * config["context_length"]
+    def __init__(self, *a: Any, world: int = 1, skip_reduce_rank: Optional[int] = None, **kw: Any):
+        super().__init__(*a, **kw)
+        self.world = world
+        self.skip_reduce_rank = skip_reduce_rank
 
-    def emit(event: dict[str, Any]) -> None:
-        if sink is not None:
-            sink.log.remote(event)
+    def compute_loss(self, model, inputs, *a, **kw):
+        loss = super().compute_loss(model, inputs, *a, **kw)
+        if self.skip_reduce_rank is not None and self.skip_reduce_rank == _rank():
+            # Test-only breakage: this rank's gradient becomes zero, so the all-reduced
+            # gradient is no longer the mean over the union batch (tests/test_job.py).
+            loss = loss * 0.0 if not isinstance(loss, tuple) else (loss[0] * 0.0, *loss[1:])
+        return loss
 
-    class RankAwareTrainer(Trainer):
-        def evaluation_loop(self, *a, **kw):
-            import torch.distributed as dist
-            from transformers.trainer_pt_utils import distributed_concat
+    def evaluation_loop(self, *a, **kw):
+        import torch.distributed as dist
+        from transformers.trainer_pt_utils import distributed_concat
 
-            if world > 1 and dist.is_initialized() and self.accelerator.num_processes != world:
-                # accelerate counts 1 process on CPU and would all_gather into a list of 1
-                # (gloo rejects it): gather the per-batch losses over the real world instead.
-                self.gather_function = distributed_concat
-            return super().evaluation_loop(*a, **kw)
+        if self.world > 1 and dist.is_initialized() and self.accelerator.num_processes != self.world:
+            # accelerate counts 1 process on CPU and would all_gather into a list of 1
+            # (gloo rejects it): gather the per-batch losses over the real world instead.
+            self.gather_function = distributed_concat
+        return super().evaluation_loop(*a, **kw)
 
-        def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-            import torch.distributed as dist
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        import torch.distributed as dist
 
-            if world > 1 and dist.is_initialized() and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
-                # HF computed these on this rank alone; all ranks log at the same steps,
-                # and the shards are equal-sized, so the plain mean is the global mean.
-                keys = [k for k in ("loss", "eval_loss") if k in logs]
-                if keys:
-                    vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
-                    dist.all_reduce(vals)
-                    for k, v in zip(keys, (vals / world).tolist()):
-                        logs[k] = v
-            if "eval_loss" in logs:
-                logs["eval_perplexity"] = math.exp(min(float(logs["eval_loss"]), 50.0))
-            super().log(logs, start_time)
+        if self.world > 1 and dist.is_initialized() and self.args.parallel_mode != ParallelMode.DISTRIBUTED:
+            # HF computed these on this rank alone; all ranks log at the same steps,
+            # and the shards are equal-sized, so the plain mean is the global mean.
+            keys = [k for k in ("loss", "eval_loss") if k in logs]
+            if keys:
+                vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+                dist.all_reduce(vals)
+                for k, v in zip(keys, (vals / self.world).tolist()):
+                    logs[k] = v
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(float(logs["eval_loss"]), 50.0))
+        super().log(logs, start_time)
 
-    class RankAwareReportCallback(RayTrainReportCallback):
-        """RayTrainReportCallback, but each rank reports only the files it owns."""
 
-        def on_save(self, args, state, control, **kwargs):
-            import transformers.trainer
+class RankAwareReportCallback(RayTrainReportCallback):
+    """RayTrainReportCallback, but each rank reports only the files it owns and then
+    deletes its scratch copy (HF's own cleanup runs only where it thinks it should save)."""
 
-            metrics: dict[str, Any] = {}
-            for entry in state.log_history:
-                metrics.update(entry)
-            metrics["step"] = state.global_step
-            src = transformers.trainer.get_last_checkpoint(args.output_dir)
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if src is not None:
-                    dst = Path(tmp, self.CHECKPOINT_NAME)
-                    for f in Path(src).rglob("*"):
-                        rel = f.relative_to(src).as_posix()
-                        if f.is_file() and owned_by(rel) == rank:
-                            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                            shutil.copy2(f, dst / rel)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics=metrics, checkpoint=checkpoint)  # every rank reports
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
 
-    class ProgressCallback(TrainerCallback):
-        """Progress line + metrics events (rank 0), digests (all ranks), failure injection."""
+    def on_save(self, args, state, control, **kwargs):
+        import transformers.trainer
 
-        def __init__(self) -> None:
-            from training.metrics import Throughput
+        metrics: dict[str, Any] = {}
+        for entry in state.log_history:
+            metrics.update(entry)
+        metrics["step"] = state.global_step
+        src = transformers.trainer.get_last_checkpoint(args.output_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if src is not None:
+                dst = Path(tmp, self.CHECKPOINT_NAME)
+                for f in Path(src).rglob("*"):
+                    rel = f.relative_to(src).as_posix()
+                    if f.is_file() and owned_by(rel) == self.rank:
+                        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(f, dst / rel)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics=metrics, checkpoint=checkpoint)  # every rank reports
+        if src is not None:
+            shutil.rmtree(src, ignore_errors=True)  # Ray Train holds it now
 
-            self.Throughput = Throughput
-            self.meter = None
 
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.meter = self.Throughput(state.global_step, max_steps, tokens_per_step)
-            emit({"event": "param_digest", "phase": "begin", "rank": rank, "step": state.global_step,
-                  "digest": param_digest(model)})
-            if rank == 0:
-                emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": max_steps,
-                      "world_size": world})
-                print(f"[train] rank 0 of {world}: starting at step {state.global_step}/{max_steps}, "
-                      f"{tokens_per_step:,} tokens per step", flush=True)
+class ProgressCallback(TrainerCallback):
+    """Progress line + metrics events (rank 0), digests and heartbeats (all ranks),
+    test-only failure injection."""
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.meter.step_done(state.global_step)
-            fail_at, marker = config.get("fail_at_step"), config.get("fail_marker")
-            if fail_at and marker and rank == world - 1 and state.global_step == fail_at and not os.path.exists(marker):
-                # Test-only failure injector: a real process death, once (the marker).
-                Path(marker).write_text(f"killed rank {rank} at step {state.global_step}\n")
-                print(f"[train] FAILURE INJECTION: rank {rank} exits at step {state.global_step}", flush=True)
-                os._exit(1)
+    def __init__(self, config: dict[str, Any], rank: int, world: int, tokens_per_step: int):
+        from training.metrics import Throughput
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if rank != 0 or not logs:
-                return
-            tps = self.meter.tokens_per_s(state.global_step)
-            eta = self.meter.eta_s(state.global_step)
-            emit({"event": "log", "step": state.global_step, "tokens_per_s": round(tps, 1), **logs})
-            print(self._line(state.global_step, logs, tps, eta), flush=True)
+        self.config, self.rank, self.world = config, rank, world
+        self.sink = config.get("sink")
+        self.max_steps = int(config["max_steps"])
+        self.meter = Throughput(0, self.max_steps, tokens_per_step)
+        self.tokens_per_step = tokens_per_step
+        self._last_beat = 0.0
+        self.trainer: Optional[Trainer] = None  # set by train_func: the engine's ZeRO stage is read from it
 
-        def _line(self, step, logs, tps, eta):
-            from training.metrics import progress_line
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink.log.remote(event)
 
-            return progress_line(step, max_steps, logs, tps, eta)
+    def beat(self) -> None:
+        """Tell the driver's stall watchdog that this rank is moving (rate-limited)."""
+        now = time.monotonic()
+        if self.sink is not None and now - self._last_beat >= BEAT_EVERY_S:
+            self._last_beat = now
+            self.sink.beat.remote()
 
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            emit({"event": "param_digest", "phase": "end", "rank": rank, "step": state.global_step,
-                  "digest": param_digest(model)})
-            if rank == 0:
-                steps = state.global_step - self.meter.start_step
-                emit({"event": "attempt_end", "start_step": self.meter.start_step, "step": state.global_step,
-                      "seconds": round(self.meter.elapsed(), 3), "tokens": steps * tokens_per_step,
-                      "steady_tokens_per_s": self.meter.steady_tokens_per_s()})
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from training.metrics import Throughput
 
-    if not config.get("use_gpu"):
-        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op under a lock file in
-        # ~/.cache/torch_extensions. A process killed mid-build leaves that lock behind and every
-        # later job on the machine waits on it forever (seen here); jobs sharing a machine can
-        # also meet in its shared memory. gloo's all-reduce is plenty for these model sizes.
-        import deepspeed.comm.torch as ds_torch_comm
+        self.meter = Throughput(state.global_step, self.max_steps, self.tokens_per_step)
+        self.emit({"event": "param_digest", "phase": "begin", "rank": self.rank, "step": state.global_step,
+                   "digest": param_digest(model)})
+        if self.rank == 0:
+            engine = getattr(self.trainer, "deepspeed", None) or getattr(self.trainer, "model_wrapped", None)
+            stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+            self.emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": self.max_steps,
+                       "world_size": self.world, "zero_stage": stage})
+            print(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
+                  f"{self.tokens_per_step:,} tokens per step", flush=True)
 
-        ds_torch_comm.build_shm_op = lambda: None
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.beat()
 
-    torch.manual_seed(t["seed"])  # every rank builds the same initial weights
-    model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.beat()
 
-    precision = config["precision"]
-    out_dir = tempfile.mkdtemp(prefix=f"hf_rank{rank}_")  # private: HF thinks each rank is rank 0
-    args = TrainingArguments(
+    def on_step_end(self, args, state, control, **kwargs):
+        self.beat()
+        self.meter.step_done(state.global_step)
+        fail_at, marker = self.config.get("fail_at_step"), self.config.get("fail_marker")
+        if fail_at and marker and self.rank == self.world - 1 and state.global_step == fail_at \
+                and not os.path.exists(marker):
+            # Test-only failure injector: a real process death, once (the marker).
+            Path(marker).write_text(f"killed rank {self.rank} at step {state.global_step}\n")
+            print(f"[train] FAILURE INJECTION: rank {self.rank} exits at step {state.global_step}", flush=True)
+            os._exit(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from training.metrics import progress_line
+
+        if self.rank != 0 or not logs:
+            return
+        tps = self.meter.tokens_per_s(state.global_step)
+        self.emit({"event": "log", "step": state.global_step, "tokens_per_s": round(tps, 1), **logs})
+        print(progress_line(state.global_step, self.max_steps, logs, tps, self.meter.eta_s(state.global_step)),
+              flush=True)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.emit({"event": "param_digest", "phase": "end", "rank": self.rank, "step": state.global_step,
+                   "digest": param_digest(model)})
+        if self.rank == 0:
+            steps = state.global_step - self.meter.start_step
+            self.emit({"event": "attempt_end", "start_step": self.meter.start_step, "step": state.global_step,
+                       "seconds": round(self.meter.elapsed(), 3), "tokens": steps * self.tokens_per_step,
+                       "steady_tokens_per_s": self.meter.steady_tokens_per_s()})
+
+
+class FinalEvalCallback(TrainerCallback):
+    """Evaluate (and so checkpoint) at the last step even when it is not a multiple of
+    eval_steps: run.json's final eval loss and the exported model are then that step's."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+
+# ---- building blocks of train_func -----------------------------------------------------------
+
+
+def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArguments:
+    t, precision = config["train"], config["precision"]
+    return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=t["micro_batch_size"],
         per_device_eval_batch_size=t["micro_batch_size"],
-        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
         learning_rate=t["learning_rate"],
         lr_scheduler_type=t["lr_scheduler_type"],
         warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"],
-        max_steps=max_steps,
+        max_steps=int(config["max_steps"]),
         eval_strategy="steps",
         eval_steps=t["eval_steps"],
         logging_strategy="steps",
@@ -247,32 +301,78 @@ def train_func(config: dict[str, Any]) -> None:
         disable_tqdm=True,
         remove_unused_columns=False,
         prediction_loss_only=True,  # eval needs the loss only: nothing else is gathered
-        dataloader_pin_memory=bool(config.get("use_gpu")),
     )
 
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
-    batch = t["micro_batch_size"]
-    # Chunks arrive in file order; a local shuffle buffer mixes files within each batch
-    # (the seed's Trainer shuffles globally). Seeded per rank: reproducible, not identical.
+
+def shard_batches(config: dict[str, Any], rank: int) -> tuple[Any, Any]:
+    """This worker's training and validation batches from its Ray Data shards.
+
+    Pinned host memory on GPUs (the Trainer's own `dataloader_pin_memory` never sees these
+    iterables under prepare_trainer). Chunks arrive in file order; a local shuffle buffer
+    mixes files within each batch (the seed's Trainer shuffles globally), seeded per rank:
+    reproducible, not identical."""
+    t = config["train"]
+    pin = bool(config.get("use_gpu"))
     shuffle = {"local_shuffle_buffer_size": t["shuffle_buffer"],
                "local_shuffle_seed": t["seed"] + rank} if t["shuffle_buffer"] else {}
-    trainer = RankAwareTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_shard.iter_torch_batches(batch_size=batch, collate_fn=collate, drop_last=True, **shuffle),
-        eval_dataset=cached_batches(valid_shard.iter_torch_batches(batch_size=batch, collate_fn=collate)),
-    )
-    trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
-    trainer.add_callback(ProgressCallback())
-    trainer.add_callback(RankAwareReportCallback())
-    trainer = prepare_trainer(trainer)
+    train = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=t["micro_batch_size"], collate_fn=collate, drop_last=True, pin_memory=pin, **shuffle)
+    valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
+        batch_size=t["micro_batch_size"], collate_fn=collate, pin_memory=pin)
+    return train, cached_batches(valid)
 
+
+def skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op under a lock file in
+    ~/.cache/torch_extensions. A process killed mid-build leaves that lock behind and every
+    later job on the machine waits on it forever (seen here); jobs sharing a machine can
+    also meet in its shared memory. gloo's all-reduce is plenty for these model sizes."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# ---- the loop every worker runs -------------------------------------------------------------
+
+
+def train_func(config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tokens_per_step = int(config["global_batch_size"]) * config["context_length"]
+    if config.get("sink") is not None:
+        config["sink"].beat.remote()  # the worker group is up
+    if not config.get("use_gpu"):
+        skip_deepspeed_shm_op()
+
+    # 1. The same initial weights on every rank.
+    torch.manual_seed(config["train"]["seed"])
+    model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
+
+    # 2. HF Trainer over this worker's shard, logging and checkpointing through Ray Train.
+    out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
+    train_batches, valid_batches = shard_batches(config, rank)
+    trainer = RankAwareTrainer(model=model, args=training_arguments(config, out_dir),
+                               train_dataset=train_batches, eval_dataset=valid_batches,
+                               world=world, skip_reduce_rank=config.get("skip_reduce_rank"))
+    trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
+    progress = ProgressCallback(config, rank, world, tokens_per_step)
+    trainer.add_callback(progress)
+    trainer.add_callback(FinalEvalCallback())
+    trainer.add_callback(RankAwareReportCallback(rank))
+    trainer = prepare_trainer(trainer)
+    progress.trainer = trainer
+
+    # 3. Train, from the latest checkpoint after a restart or with --resume: weights, ZeRO
+    #    optimizer shards, scheduler and step all come back; HF skips the batches already seen.
     checkpoint = ray.train.get_checkpoint()
     try:
         if checkpoint is not None:
-            # A restart after a failure, or `--resume`: weights, ZeRO optimizer shards,
-            # scheduler and step all come back; HF skips the batches already seen.
             with checkpoint.as_directory() as ckpt_dir:
                 trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, RayTrainReportCallback.CHECKPOINT_NAME))
         else:

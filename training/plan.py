@@ -1,0 +1,160 @@
+"""What a run will do, decided before any worker starts: workers, CPUs, batch, steps, precision.
+
+Pure functions of the config and of what the cluster reports, so every rule here is unit
+tested without a cluster (tests/test_plan.py).
+
+CPU budgeting. Ray's logical CPUs are reservations, not cores. A training worker that
+reserves a whole CPU on a 2-CPU head leaves Ray Data nothing to schedule the training
+stream's Parquet reads on, and the job waits forever (a plain `ray start --head` did
+exactly that). So, unless `--cpus-per-worker` is given, CPU workers together reserve at
+most half of the cluster's CPUs (never more than 1 each) and the read tasks reserve a
+fraction of what is left: on 1, 2 and 4 CPUs the tiny job always has room for both. The
+OS still shares the real cores between all of them; the reservation only decides what Ray
+is willing to start. Ray sets a worker's torch threads from its reservation (1 thread for
+anything up to 1 CPU), so a fractional reservation trains exactly as a whole one.
+
+Batch. `train.global_batch_size` is sequences per optimizer step over all workers, the
+recipe's unit (32 x grad-accum 8 = 256 on one device). Each worker takes
+`micro_batch_size` per forward pass, and accumulation is derived:
+global / (micro x workers). The same global batch on 1 or 8 workers gives the same number
+of optimizer steps per epoch and so the same learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+from training.config import ConfigError, JobConfig
+
+DEFAULT_CPU_WORKERS = 2
+TRAIN_CPU_SHARE = 0.5  # auto plan: CPU workers together reserve at most this share
+
+
+@dataclass
+class Plan:
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    read_cpus: float  # what each Ray Data read task of the training/validation stream reserves
+    global_batch_size: int = 0
+    micro_batch_size: int = 0
+    gradient_accumulation_steps: int = 0
+    max_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- workers and CPUs ------------------------------------------------------------------------
+
+
+def plan_workers(cfg: JobConfig, cap: dict[str, float]) -> Plan:
+    """Workers, device and CPU reservations for this cluster, or a ConfigError naming the field.
+
+    cap: CPU/GPU the cluster can ever offer (autoscaler max included), see job.cluster_capacity."""
+    t = cfg.train
+    use_gpu = t.use_gpu if t.use_gpu is not None else cap["GPU"] > 0
+    if use_gpu and cap["GPU"] < 1:
+        raise ConfigError("train.use_gpu=True: the cluster has no GPUs and cannot get any")
+    if t.num_workers is not None:
+        n = t.num_workers
+    elif use_gpu:
+        n = int(cap["GPU"])
+    elif t.cpus_per_worker:
+        n = max(1, min(DEFAULT_CPU_WORKERS, int(cap["CPU"] // t.cpus_per_worker)))
+    else:
+        n = DEFAULT_CPU_WORKERS
+    if t.cpus_per_worker is not None:
+        per = float(t.cpus_per_worker)
+    elif use_gpu:
+        per = 1.0  # GPU nodes have CPUs to spare; the GPU is the reservation that matters
+    else:
+        per = min(1.0, cap["CPU"] * TRAIN_CPU_SHARE / n) if cap["CPU"] > 0 else 1.0
+    need_cpu = n * per
+    if need_cpu > cap["CPU"] + 1e-9:
+        scale = " (autoscaler max included)" if cap.get("autoscaling") else ""
+        raise ConfigError(f"train.num_workers={n}: needs {need_cpu:g} CPUs ({n} x train.cpus_per_worker="
+                          f"{per:g}) but the cluster can offer at most {cap['CPU']:g}{scale}")
+    if use_gpu and n > cap["GPU"]:
+        raise ConfigError(f"train.num_workers={n}: needs {n} GPUs but the cluster can offer at most {cap['GPU']:g}")
+    left = cap["CPU"] - need_cpu
+    if left <= 1e-9:
+        print(f"[job] warning: {n} workers x {per:g} CPUs take all {cap['CPU']:g} CPUs; Ray Data needs some to read "
+              "the stream and will stall (lower --cpus-per-worker, or leave it unset for the automatic plan)",
+              flush=True)
+    # Reads of the training and the validation stream can be pending at once: each gets a
+    # quarter of what the workers leave, capped at Ray Data's default of 1 CPU.
+    read = min(1.0, max(left, 0.0) / 4) if left > 1e-9 else 0.25
+    return Plan(workers=n, use_gpu=use_gpu, cpus_per_worker=per, read_cpus=round(read, 4))
+
+
+# ---- batch and steps ---------------------------------------------------------------------------
+
+
+def accumulation_steps(global_batch: int, micro: int, workers: int) -> int:
+    """global = micro x workers x accumulation, or a ConfigError saying what would divide."""
+    per_pass = micro * workers
+    if global_batch % per_pass:
+        fits = [m for m in range(micro, 0, -1) if global_batch % (m * workers) == 0]
+        hint = f"--micro-batch-size {fits[0]}" if fits else "another --num-workers"
+        raise ConfigError(f"train.global_batch_size={global_batch}: not divisible by train.micro_batch_size={micro} "
+                          f"x {workers} workers = {per_pass}; use {hint} or a global batch that is a multiple of "
+                          f"{per_pass}")
+    return global_batch // per_pass
+
+
+def steps_per_epoch(chunks_train: int, workers: int, global_batch: int) -> int:
+    # Ray Data splits the stream into equal shards (chunks // workers each); every optimizer
+    # step eats global_batch / workers chunks of each shard.
+    return (chunks_train // workers) // (global_batch // workers)
+
+
+def plan_batch(cfg: JobConfig, stats: dict[str, Any], plan: Plan) -> Plan:
+    """Fill the batch fields and max_steps into the worker plan."""
+    t, n = cfg.train, plan.workers
+    accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, n)
+    per_epoch = steps_per_epoch(int(stats["chunks_train"]), n, t.global_batch_size)
+    if per_epoch < 1 and t.max_steps is None:
+        raise ConfigError(f"data.corpus: {stats['chunks_train']} training chunks are fewer than one optimizer step "
+                          f"(train.global_batch_size={t.global_batch_size}); use a larger corpus or a smaller "
+                          "--global-batch-size")
+    if int(stats.get("chunks_valid", 0)) < n:
+        raise ConfigError(f"data.valid_fraction: the validation split has {stats.get('chunks_valid', 0)} chunks, "
+                          f"fewer than the {n} workers that each evaluate a shard of it; raise "
+                          "--valid-fraction or give --valid-corpus")
+    plan.global_batch_size, plan.micro_batch_size = t.global_batch_size, t.micro_batch_size
+    plan.gradient_accumulation_steps = accum
+    plan.max_steps = t.max_steps or per_epoch * t.num_epochs
+    return plan
+
+
+def plan_for_resume(cfg: JobConfig, state: dict[str, Any]) -> Optional[int]:
+    """The worker count a resumed run must use: the saved one (ZeRO-2 optimizer shards are
+    per rank, so another world size could not load them). A different explicit
+    --num-workers is refused."""
+    saved = state.get("workers")
+    if saved is None:
+        return None
+    if cfg.train.num_workers is not None and cfg.train.num_workers != saved:
+        raise ConfigError(f"train.num_workers={cfg.train.num_workers}: the run being resumed trained on {saved} "
+                          f"workers and its ZeRO optimizer state is split {saved} ways; resume with "
+                          f"--num-workers {saved} (or leave it out)")
+    return int(saved)
+
+
+# ---- precision ---------------------------------------------------------------------------------
+
+
+def choose_precision(requested: str, use_gpu: bool, probe: Optional[dict[str, Any]] = None) -> str:
+    """fp32 on CPUs; on GPUs bf16 where the GPU has it natively, else fp16.
+
+    probe: what a training worker found on its own GPU (`probe_worker`): the driver often runs
+    on a head without GPUs, so its own torch.cuda says nothing about the workers'. bf16 is
+    chosen only on native support (`including_emulation=False`): V100/T4 emulate it slowly."""
+    if requested != "auto":
+        return requested
+    if not use_gpu:
+        return "fp32"
+    probe = probe or {}
+    return "bf16" if probe.get("cuda") and probe.get("bf16_native") else "fp16"
