@@ -11,6 +11,12 @@ Each submitted group gets, through its `emit` callback (called on the loop's thr
 a list with one entry per request for every step that produced something (a Delta or
 None), then None once all of its requests have finished, or the exception that broke
 the step.
+
+One request never takes others down: a request whose sampling or decoding fails ends
+with its own "error" Delta (Engine.advance), and a group whose prefill fails gets the
+exception alone. Only a failing forward pass of the running batch fails every row in it.
+A request whose `cancel` event is set (its client went away) leaves the batch before the
+next forward pass, with a "cancelled" Delta.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from serving.batch_state import BatchState
-from serving.engine import Delta, Engine, SamplingParams
+from serving.engine import Engine
+from serving.params import Delta, SamplingParams
 
 Emit = Callable[[Any], None]
 
@@ -44,15 +51,18 @@ class DecodeLoop:
         self._start = threading.Lock()
         self.steps = 0  # decode steps run (for tests and stats)
         self.max_rows_seen = 0  # the most rows that ever decoded together
+        self.live_rows = 0  # rows in the batch after the last step
+        self.cancelled = 0  # rows that left early because their client went away
         # Optional: gets step(rows, waiting, first_token_s, finished) after every step
         # (serving/service_metrics.py); None records nothing.
         self.observer: Optional[Any] = None
-        self._done_rows: list = []  # rows that finished in the last step, for the observer
+        self._seen: tuple = (0, [], [])  # the last step's (rows, joined groups, finished rows)
 
     def submit(self, prompts: Sequence[str], params: Sequence[SamplingParams],
-               incremental: Sequence[bool], emit: Emit) -> None:
+               incremental: Sequence[bool], emit: Emit,
+               cancel: Optional[Sequence[Optional[threading.Event]]] = None) -> None:
         """Queue requests to join the running batch. Raises ValueError for an impossible one."""
-        rows, encoded = self.engine.start_rows(prompts, params, incremental)
+        rows, encoded = self.engine.start_rows(prompts, params, incremental, cancel)
         self._inbox.put(_Group(rows, encoded, emit))
         with self._start:
             if self._thread is None:
@@ -80,43 +90,46 @@ class DecodeLoop:
                 while pending and (len(pending[0].rows) <= room or not (members or joining)):
                     room -= len(pending[0].rows)
                     joining.append(pending.popleft())
-                rows = len(members) + sum(len(g.rows) for g in joining)
                 try:
                     state, members, next_ids = self._step(state, members, next_ids, joining)
-                except BaseException as e:  # every request in the batch gets the error
+                except BaseException as e:  # the batch's forward pass failed: every row in it did
                     for g in list({id(g): g for g, _ in members}.values()) + joining:
                         g.emit(e)
                     state, members, next_ids = None, [], []
+                self.live_rows = len(members)
                 if self.observer is not None:
-                    self._observe(rows, pending, joining)
+                    self._observe(pending)
 
-    def _observe(self, rows: int, pending: deque, joining: list[_Group]) -> None:
+    def _observe(self, pending: deque) -> None:
         """Report a step: rows that decoded, requests waiting, first tokens, finished requests."""
         now = time.perf_counter()
-        finished, self._done_rows = [(r.prompt_tokens, r.generated) for r in self._done_rows], []
+        (rows, joined, done), self._seen = self._seen, (0, [], [])
         self.observer.step(rows, sum(len(g.rows) for g in pending) + self._inbox.qsize(),
-                           [now - g.submitted for g in joining for _ in g.rows], finished)
+                           [now - g.submitted for g in joined for _ in g.rows],
+                           [(r.prompt_tokens, r.generated) for r in done])
 
     def _step(self, state: Optional[BatchState], members: list[tuple[_Group, int]], next_ids: list[int],
               joining: list[_Group]) -> tuple[Optional[BatchState], list[tuple[_Group, int]], list[int]]:
         """One step: the running rows decode a token, the joining ones prefill, all sample."""
         engine = self.engine
+        state, members, next_ids = self._drop_cancelled(state, members, next_ids)
         logits = [state.step(engine.model, next_ids)] if members else []
+        new, new_logits, joining = self._prefill(joining)
         if joining:
-            new, new_logits = BatchState.prefill(engine.model, [ids for g in joining for ids in g.encoded],
-                                                 engine.pad_token_id)
             logits.append(new_logits)
             if members:
                 state.merge(new)
             else:
                 state = new
             members = members + [(g, i) for g in joining for i in range(len(g.rows))]
+        if not members:  # nothing running and every joining group failed its prefill
+            return None, [], []
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(members))
         ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
                                            torch.cat(logits) if len(logits) > 1 else logits[0])
-        if self.observer is not None:
-            self._done_rows = [g.rows[i] for g, i in members if g.rows[i].done]
+        if self.observer is not None:  # reported by _observe once the step is over
+            self._seen = (len(members), joining, [g.rows[i] for g, i in members if g.rows[i].done])
 
         steps: dict[int, tuple[_Group, list[Optional[Delta]]]] = {}
         for (g, i), delta in zip(members, deltas):
@@ -132,3 +145,51 @@ class DecodeLoop:
         if len(keep) < len(members):
             state.keep(keep)
         return state, [members[b] for b in keep], [ids[b] for b in keep]
+
+    def _prefill(self, joining: list[_Group]) -> tuple[Optional[BatchState], Optional[torch.Tensor], list[_Group]]:
+        """Prefill the joining groups together; if that fails, each alone, so a failure
+        reaches only the group that caused it. Returns (state, logits, groups that made it)."""
+        if not joining:
+            return None, None, []
+        model, pad = self.engine.model, self.engine.pad_token_id
+        try:
+            new, logits = BatchState.prefill(model, [ids for g in joining for ids in g.encoded], pad)
+            return new, logits, joining
+        except Exception as e:
+            if len(joining) == 1:
+                joining[0].emit(e)
+                return None, None, []
+        ok: list[tuple[_Group, BatchState, torch.Tensor]] = []
+        for g in joining:
+            try:
+                ok.append((g, *BatchState.prefill(model, g.encoded, pad)))
+            except Exception as e:
+                g.emit(e)
+        if not ok:
+            return None, None, []
+        state = ok[0][1]
+        for _, other, _ in ok[1:]:
+            state.merge(other)
+        return state, torch.cat([lg for _, _, lg in ok]), [g for g, _, _ in ok]
+
+    def _drop_cancelled(self, state: Optional[BatchState], members: list[tuple[_Group, int]], next_ids: list[int]):
+        """Rows whose client went away leave before the next forward pass."""
+        gone = [b for b, (g, i) in enumerate(members) if g.rows[i].cancel is not None and g.rows[i].cancel.is_set()]
+        if not gone:
+            return state, members, next_ids
+        for b in gone:
+            g, i = members[b]
+            row = g.rows[i]
+            row.done = True
+            g.left -= 1
+            step: list[Optional[Delta]] = [None] * len(g.rows)
+            step[i] = Delta("", True, "cancelled", row.prompt_tokens, row.generated, row.truncated)
+            g.emit(step)
+            if g.left == 0:
+                g.emit(None)
+        self.cancelled += len(gone)
+        keep = sorted(set(range(len(members))) - set(gone))
+        if not keep:
+            return None, [], []
+        state.keep(keep)
+        return state, [members[b] for b in keep], [next_ids[b] for b in keep]
