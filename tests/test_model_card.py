@@ -22,7 +22,7 @@ def run_folder(tmp_path, tiny_checkpoint, corpus="huggingface-course/codeparrot-
         "files_valid": 35, "chunks_train": 13000, "chunks_valid": 700, "vocab_size": 4096}))
     (out / "run.json").write_text(json.dumps({
         "workers": 2, "device": "cpu", "zero_stage": 2, "steps": 406, "max_steps": 406, "tokens_per_step": 8192,
-        "train_tokens": 406 * 8192, "tokens_per_s": 5845.2, "final_train_loss": 3.81, "final_eval_loss": 3.72,
+        "train_tokens": 406 * 8192, "micro_batch_size": 32, "gradient_accumulation_steps": 1, "tokens_per_s": 5845.2, "final_train_loss": 3.81, "final_eval_loss": 3.72,
         "final_eval_perplexity": 41.26, "precision": "fp32", "parameters": 1_234_567, "train_seconds": 569.0,
         "wall_time_s": 651.0, "exported": {"step": 400, "eval_loss": 3.72}}))
     return out

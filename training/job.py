@@ -137,6 +137,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     from training.preflight import check_probes, gpu_probe, probe_workers
     from training.ray_utils import init_ray
     from training.tokenizer import load_tokenizer
+    from training.tracking import settings as tracking_settings
     from training.train_loop import train_func
 
     init_ray()
@@ -189,6 +190,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "global_batch_size": plan.global_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "run_name": run_name,
+        "tracking": tracking_settings(t.report_to, out, run_name, f"codecomplete-{cfg.preset}", t.tracking_uri),
         "sink": sink,
         "fail_at_step": int(fail_at) if fail_at else None,
         "fail_marker": str(out / "failure_injected.txt") if fail_at else None,

@@ -132,8 +132,10 @@ def body(config: dict[str, Any], run: dict[str, Any], stats: dict[str, Any],
         "|---|---|",
     ]
     per_step = run.get("tokens_per_step")
-    rows = [("micro batch x grad accumulation x workers",
-             f"{t.get('micro_batch_size')} x {t.get('gradient_accumulation_steps')} x {run.get('workers')}"),
+    # run.json has the batch the plan derived (grad accumulation = global / (micro x workers)).
+    micro = run.get("micro_batch_size", t.get("micro_batch_size"))
+    accum = run.get("gradient_accumulation_steps", t.get("gradient_accumulation_steps"))
+    rows = [("micro batch x grad accumulation x workers", f"{micro} x {accum} x {run.get('workers')}"),
             ("tokens per optimizer step", _fmt(per_step)),
             ("learning rate, schedule", f"{t.get('learning_rate')}, {t.get('lr_scheduler_type')}, "
                                         f"warmup {t.get('warmup_steps')} steps"),

@@ -210,7 +210,7 @@ class ProgressCallback(TrainerCallback):
             self.sink.beat.remote()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from training.metrics import Throughput
+        from training.metrics import Throughput, say
 
         self.meter = Throughput(state.global_step, self.max_steps, self.tokens_per_step)
         self.emit({"event": "param_digest", "phase": "begin", "rank": self.rank, "step": state.global_step,
@@ -220,8 +220,8 @@ class ProgressCallback(TrainerCallback):
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
             self.emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": self.max_steps,
                        "world_size": self.world, "zero_stage": stage})
-            print(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
-                  f"{self.tokens_per_step:,} tokens per step", flush=True)
+            say(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
+                f"{self.tokens_per_step:,} tokens per step")
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.beat()
@@ -235,20 +235,23 @@ class ProgressCallback(TrainerCallback):
         fail_at, marker = self.config.get("fail_at_step"), self.config.get("fail_marker")
         if fail_at and marker and self.rank == self.world - 1 and state.global_step == fail_at \
                 and not os.path.exists(marker):
+            from training.metrics import say
+
             # Test-only failure injector: a real process death, once (the marker).
             Path(marker).write_text(f"killed rank {self.rank} at step {state.global_step}\n")
-            print(f"[train] FAILURE INJECTION: rank {self.rank} exits at step {state.global_step}", flush=True)
+            say(f"[train] FAILURE INJECTION: rank {self.rank} exits at step {state.global_step}")
             os._exit(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from training.metrics import progress_line
+        from training.metrics import progress_line, say
 
         if self.rank != 0 or not logs:
             return
         tps = self.meter.tokens_per_s(state.global_step)
+        if "loss" in logs:  # the trackers added after this callback log it with the loss
+            logs["tokens_per_s"] = round(tps, 1)
         self.emit({"event": "log", "step": state.global_step, "tokens_per_s": round(tps, 1), **logs})
-        print(progress_line(state.global_step, self.max_steps, logs, tps, self.meter.eta_s(state.global_step)),
-              flush=True)
+        say(progress_line(state.global_step, self.max_steps, logs, tps, self.meter.eta_s(state.global_step)))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.emit({"event": "param_digest", "phase": "end", "rank": self.rank, "step": state.global_step,
@@ -297,7 +300,8 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         seed=t["seed"],
-        report_to=[],
+        report_to=[],  # rank 0 adds its tracker itself (training/tracking.py)
+        run_name=config.get("run_name"),
         disable_tqdm=True,
         remove_unused_columns=False,
         prediction_loss_only=True,  # eval needs the loss only: nothing else is gathered
@@ -363,6 +367,12 @@ def train_func(config: dict[str, Any]) -> None:
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
     progress = ProgressCallback(config, rank, world, tokens_per_step)
     trainer.add_callback(progress)
+    if rank == 0:  # TensorBoard / MLflow through HF's own callback (training/tracking.py)
+        from training.tracking import callback as tracking_callback
+
+        tracker = tracking_callback(config.get("tracking"))
+        if tracker is not None:
+            trainer.add_callback(tracker)  # after `progress`, so it sees tokens/s in the logs
     trainer.add_callback(FinalEvalCallback())
     trainer.add_callback(RankAwareReportCallback(rank))
     trainer = prepare_trainer(trainer)
