@@ -35,7 +35,10 @@ def test_explicit_cpus_per_worker_and_capacity_errors():
     cfg.train.num_workers = 5
     with pytest.raises(ConfigError, match=r"train.num_workers=5: needs 5 CPUs .* at most 4 \(autoscaler max"):
         plan_workers(cfg, cap(4, autoscaling=True))
-    cfg.train.num_workers, cfg.train.cpus_per_worker = None, None
+    cfg.train.num_workers, cfg.train.cpus_per_worker = 64, None  # automatic share, but not below 1/4 CPU
+    with pytest.raises(ConfigError, match=r"needs 16 CPUs \(64 x train.cpus_per_worker=0.25\)"):
+        plan_workers(cfg, cap(4))
+    cfg.train.num_workers = None
     gpu_plan = plan_workers(cfg, cap(32, gpus=4))
     assert (gpu_plan.workers, gpu_plan.use_gpu, gpu_plan.cpus_per_worker) == (4, True, 1.0)
     cfg.train.use_gpu = True

@@ -195,6 +195,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "fail_at_step": int(fail_at) if fail_at else None,
         "fail_marker": str(out / "failure_injected.txt") if fail_at else None,
         "skip_reduce_rank": int(skip_reduce) if skip_reduce else None,
+        "record_batches": os.environ.get("CODECOMPLETE_TEST_RECORD_BATCHES") == "1",  # test-only
     }
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
     read = {"ray_remote_args": {"num_cpus": plan.read_cpus}}

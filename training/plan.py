@@ -29,6 +29,7 @@ from training.config import ConfigError, JobConfig
 
 DEFAULT_CPU_WORKERS = 2
 TRAIN_CPU_SHARE = 0.5  # auto plan: CPU workers together reserve at most this share
+MIN_AUTO_CPUS = 0.25  # ... but each at least this: 64 CPU workers on 4 CPUs is a mistake, not a plan
 
 
 @dataclass
@@ -70,7 +71,7 @@ def plan_workers(cfg: JobConfig, cap: dict[str, float]) -> Plan:
     elif use_gpu:
         per = 1.0  # GPU nodes have CPUs to spare; the GPU is the reservation that matters
     else:
-        per = min(1.0, cap["CPU"] * TRAIN_CPU_SHARE / n) if cap["CPU"] > 0 else 1.0
+        per = max(MIN_AUTO_CPUS, min(1.0, cap["CPU"] * TRAIN_CPU_SHARE / n)) if cap["CPU"] > 0 else 1.0
     need_cpu = n * per
     if need_cpu > cap["CPU"] + 1e-9:
         scale = " (autoscaler max included)" if cap.get("autoscaling") else ""

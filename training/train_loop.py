@@ -87,6 +87,19 @@ def cached_batches(stream: Any) -> Any:
     return _IterableFromIterator(gen)
 
 
+def counted(stream: Any, on_batch: Any) -> Any:
+    """The stream, calling on_batch(index, batch) for every batch drawn from it: the count of
+    batches read (and, in tests, the rows) says what a resumed attempt skipped."""
+    from ray.data.iterator import _IterableFromIterator
+
+    def gen():
+        for i, b in enumerate(stream):
+            on_batch(i, b)
+            yield b
+
+    return _IterableFromIterator(gen)
+
+
 def param_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter's bytes, in name order: equal digests = equal weights."""
     h = hashlib.sha256()
@@ -156,9 +169,9 @@ class RankAwareReportCallback(RayTrainReportCallback):
     """RayTrainReportCallback, but each rank reports only the files it owns and then
     deletes its scratch copy (HF's own cleanup runs only where it thinks it should save)."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, sink: Any = None):
         super().__init__()
-        self.rank = rank
+        self.rank, self.sink = rank, sink
 
     def on_save(self, args, state, control, **kwargs):
         import transformers.trainer
@@ -181,6 +194,9 @@ class RankAwareReportCallback(RayTrainReportCallback):
             ray.train.report(metrics=metrics, checkpoint=checkpoint)  # every rank reports
         if src is not None:
             shutil.rmtree(src, ignore_errors=True)  # Ray Train holds it now
+        left = [p.name for p in Path(args.output_dir).glob("checkpoint-*")]
+        if self.sink is not None:  # what stays on this rank's disk: the tests expect nothing
+            self.sink.log.remote({"event": "scratch", "rank": self.rank, "step": state.global_step, "left": left})
 
 
 class ProgressCallback(TrainerCallback):
@@ -196,6 +212,7 @@ class ProgressCallback(TrainerCallback):
         self.meter = Throughput(0, self.max_steps, tokens_per_step)
         self.tokens_per_step = tokens_per_step
         self._last_beat = 0.0
+        self.batches_read = 0  # micro-batches drawn from the training stream by this attempt
         self.trainer: Optional[Trainer] = None  # set by train_func: the engine's ZeRO stage is read from it
 
     def emit(self, event: dict[str, Any]) -> None:
@@ -253,7 +270,15 @@ class ProgressCallback(TrainerCallback):
         self.emit({"event": "log", "step": state.global_step, "tokens_per_s": round(tps, 1), **logs})
         say(progress_line(state.global_step, self.max_steps, logs, tps, self.meter.eta_s(state.global_step)))
 
+    def on_batch(self, index: int, batch: dict[str, torch.Tensor]) -> None:
+        self.batches_read = index + 1
+        if self.config.get("record_batches"):  # test-only: the rows each rank trained on, in order
+            self.emit({"event": "batch", "rank": self.rank, "index": index,
+                       "input_ids": batch["input_ids"].tolist()})
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.emit({"event": "stream", "rank": self.rank, "step": state.global_step,
+                   "batches_read": self.batches_read})
         self.emit({"event": "param_digest", "phase": "end", "rank": self.rank, "step": state.global_step,
                    "digest": param_digest(model)})
         if self.rank == 0:
@@ -308,7 +333,7 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
     )
 
 
-def shard_batches(config: dict[str, Any], rank: int) -> tuple[Any, Any]:
+def shard_batches(config: dict[str, Any], rank: int, on_batch: Any) -> tuple[Any, Any]:
     """This worker's training and validation batches from its Ray Data shards.
 
     Pinned host memory on GPUs (the Trainer's own `dataloader_pin_memory` never sees these
@@ -323,7 +348,7 @@ def shard_batches(config: dict[str, Any], rank: int) -> tuple[Any, Any]:
         batch_size=t["micro_batch_size"], collate_fn=collate, drop_last=True, pin_memory=pin, **shuffle)
     valid = ray.train.get_dataset_shard("valid").iter_torch_batches(
         batch_size=t["micro_batch_size"], collate_fn=collate, pin_memory=pin)
-    return train, cached_batches(valid)
+    return counted(train, on_batch), cached_batches(valid)
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -360,12 +385,12 @@ def train_func(config: dict[str, Any]) -> None:
 
     # 2. HF Trainer over this worker's shard, logging and checkpointing through Ray Train.
     out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
-    train_batches, valid_batches = shard_batches(config, rank)
+    progress = ProgressCallback(config, rank, world, tokens_per_step)
+    train_batches, valid_batches = shard_batches(config, rank, progress.on_batch)
     trainer = RankAwareTrainer(model=model, args=training_arguments(config, out_dir),
                                train_dataset=train_batches, eval_dataset=valid_batches,
                                world=world, skip_reduce_rank=config.get("skip_reduce_rank"))
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
-    progress = ProgressCallback(config, rank, world, tokens_per_step)
     trainer.add_callback(progress)
     if rank == 0:  # TensorBoard / MLflow through HF's own callback (training/tracking.py)
         from training.tracking import callback as tracking_callback
@@ -374,7 +399,7 @@ def train_func(config: dict[str, Any]) -> None:
         if tracker is not None:
             trainer.add_callback(tracker)  # after `progress`, so it sees tokens/s in the logs
     trainer.add_callback(FinalEvalCallback())
-    trainer.add_callback(RankAwareReportCallback(rank))
+    trainer.add_callback(RankAwareReportCallback(rank, config.get("sink")))
     trainer = prepare_trainer(trainer)
     progress.trainer = trainer
 
