@@ -64,3 +64,12 @@ def test_the_folder_with_its_card_still_loads(tmp_path, tiny_checkpoint):
     write_model_card(out)
     assert AutoModelForCausalLM.from_pretrained(str(out / "model")).config.n_positions == 128
     assert AutoTokenizer.from_pretrained(str(out / "model")).eos_token == "<|endoftext|>"
+
+
+def test_a_model_without_its_run_records_gets_a_card_that_invents_nothing(tmp_path):
+    (tmp_path / "model").mkdir()
+    text = write_model_card(tmp_path, evaluation={"perplexity": {"loss": 3.2, "perplexity": 24.5, "tokens": 3048,
+                                                                  "corpus": "held-out", "split": "all"}}).read_text()
+    assert "Unknown: no `run.json`" in text and "None" not in text
+    assert "Held-out loss 3.2000, perplexity 24.50 on 3,048 tokens of held-out (all)" in text
+    assert read_metadata(tmp_path / "model" / "README.md")["metrics"] == ["perplexity"]

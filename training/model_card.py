@@ -105,6 +105,11 @@ def body(config: dict[str, Any], run: dict[str, Any], stats: dict[str, Any],
         "print(complete(\"def fibonacci(n):\\n\", max_new_tokens=32, do_sample=False)[0][\"generated_text\"])",
         "```",
         "",
+    ]
+    if not config or not run:  # a model folder without its run's records: say so, invent nothing
+        return "\n".join(lines + ["## Training", "", "Unknown: no `run.json` / `run_state.json` of the training "
+                                   "run beside this model folder.", ""] + evaluation_section(evaluation))
+    lines += [
         "## Training data",
         "",
         f"- Corpus: `{corpus}`",
