@@ -98,7 +98,8 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     @app.get("/v1/models", dependencies=auth, response_model=ModelList)
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=backend.model_name, created=CREATED,
-                                         max_model_len=backend.context_length)])
+                                         max_model_len=backend.context_length,
+                                         infill=bool(getattr(backend, "can_infill", False)))])
 
     @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse)
     async def completions(req: CompletionRequest):

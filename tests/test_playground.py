@@ -43,6 +43,9 @@ def test_page_is_served_without_auth_and_fetches_nothing_from_the_network(engine
     # No external references at all: every src/href is local or absent.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", r.text, re.I)
     assert client.get("/v1/models").status_code == 401  # the API behind it still needs the key
+    # The page sends a suffix only when the model says it can infill; this one cannot.
+    models = client.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
+    assert models["data"][0]["infill"] is False
 
 
 # ---- the page in a real browser ------------------------------------------------------------------
@@ -103,8 +106,15 @@ def test_playground_streams_the_apis_greedy_completion_in_a_real_browser(service
 
         code = find("code")
         code.clear()
+        code.send_keys(PROMPT + "    return x\n")
+        # A cursor inside the code: this model cannot infill, so the page says the text after
+        # the cursor is not sent.
+        driver.execute_script("arguments[0].setSelectionRange(17, 17); arguments[0].dispatchEvent(new Event('select'));",
+                              code)
+        assert "prefix 17 chars; the 13 chars after it are not sent (model cannot infill)" in find("split").text
+        code.clear()
         code.send_keys(PROMPT)  # the cursor ends after the prompt: all prefix, no suffix
-        assert "prefix 17 chars" in find("split").text
+        assert find("split").text.endswith("prefix 17 chars")
         for id_, value in (("max-new-tokens", "24"), ("temperature", "0")):
             find(id_).clear()
             find(id_).send_keys(value)
