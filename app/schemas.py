@@ -3,15 +3,20 @@
 Strict on purpose: unknown fields are rejected (a typo like `max_token` must not be silently
 ignored), types are not coerced ("5" is not 5, true is not 1), and every number has its
 range here, so a bad request is a 4xx that names the field, never a 5xx deep in the engine.
-The one limit that depends on the loaded model (max_new_tokens <= context - 1) is checked by
-the routes, which know the model.
+Every constraint is a JSON-schema constraint (no custom validators), so the OpenAPI schema
+states exactly what validation enforces. The limits that depend on the loaded model
+(max_new_tokens <= context - 1, the model's name) are checked by the routes, which know the
+model, and written into the served schema by app/api.py.
+
+An empty prompt is allowed: generation then starts from the start-of-text token, as
+OpenAI's API does (an editor at the top of an empty file).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 32_000  # prompts are cut to the context anyway; this bounds tokenizer work
 MAX_BODY_BYTES = 1_000_000  # enforced before JSON parsing (app/errors.py)
@@ -25,31 +30,50 @@ FinishReason = Literal["length", "stop", "eos"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: Python's JSON parser accepts NaN and Infinity, JSON does not.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """JSON Schema's `integer` includes 8.0 (JSON has one number type): take it as 8 for
+        integer fields. Anything else (8.5, "8", true) still fails strict validation."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, v in data.items():
+            f = cls.model_fields.get(name)
+            if f is not None and isinstance(v, float) and v.is_integer() and _is_int(f.annotation):
+                out[name] = int(v)
+        return out
 
 
-def _check_stop(stop: list[str]) -> list[str]:
-    for s in stop:
-        if not s:
-            raise ValueError("stop strings must be non-empty")
-        if len(s) > MAX_STOP_CHARS:
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
-    return stop
+def _is_int(annotation: Any) -> bool:
+    return annotation is int or (int in get_args(annotation) and float not in get_args(annotation))
+
+
+def _only_bool(v: object) -> object:
+    """Literal[False] would accept 0 (0 == False in Python); JSON's false is a boolean."""
+    if v is not None and not isinstance(v, bool):
+        raise ValueError("Input should be a valid boolean")
+    return v
+
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class CompleteRequest(_Strict):
     """POST /complete (field names follow HF text-generation-inference's `parameters`)."""
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
-
-    _stop = field_validator("stop")(_check_stop)
 
 
 class Usage(BaseModel):
@@ -75,69 +99,37 @@ class CompletionRequest(_Strict):
     """POST /v1/completions: the fields of OpenAI's legacy completions API.
 
     Fields we cannot honour (logprobs, echo, penalties, ...) are accepted only at their
-    neutral value, so a client that always sends them works, and one that relies on them
-    gets a 400 naming the field instead of silently different behaviour.
+    neutral value (the schema says which), so a client that always sends them works, and
+    one that relies on them gets a 422 naming the field instead of silently different
+    behaviour.
     """
 
     model: str = Field(min_length=1)
-    prompt: Union[str, list[str]]
+    prompt: Union[Prompt, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]]
     max_tokens: int = Field(16, ge=1)  # OpenAI's default
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Union[None, str, list[str]] = None
+    stop: Union[None, StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: Optional[str] = None
     # Neutral-only fields.
-    echo: Optional[bool] = None
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
-        prompts = [v] if isinstance(v, str) else v
-        if not prompts:
-            raise ValueError("prompt list must not be empty")
-        if len(prompts) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-        for p in prompts:
-            if not p:
-                raise ValueError("prompt must be a non-empty string")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Union[None, str, list[str]]) -> Union[None, str, list[str]]:
-        stops = [] if v is None else [v] if isinstance(v, str) else v
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        _check_stop(stops)
-        return v
+    echo: Annotated[Optional[Literal[False]], BeforeValidator(_only_bool)] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=0)
+    best_of: Optional[int] = Field(None, ge=1, le=1)
+    suffix: Optional[str] = Field(None, max_length=0)
+    frequency_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
+    presence_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-    def unsupported(self) -> Optional[str]:
-        """The first field set to a value this server cannot honour, if any."""
-        neutral = {"echo": (None, False), "logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
-                   "frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0), "logit_bias": (None, {})}
-        for name, ok in neutral.items():
-            if getattr(self, name) not in ok:
-                return name
-        return None
 
 
 class CompletionChoice(BaseModel):
@@ -174,6 +166,11 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
 
 
 class ErrorDetail(BaseModel):

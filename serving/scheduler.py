@@ -57,6 +57,8 @@ class DecodeLoop:
         # (serving/service_metrics.py); None records nothing.
         self.observer: Optional[Any] = None
         self._seen: tuple = (0, [], [])  # the last step's (rows, joined groups, finished rows)
+        # Where the loop's time goes (seconds, cumulative): the benchmark's profile.
+        self.timings = {"prefill_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0}
 
     def submit(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                incremental: Sequence[bool], emit: Emit,
@@ -113,8 +115,13 @@ class DecodeLoop:
         """One step: the running rows decode a token, the joining ones prefill, all sample."""
         engine = self.engine
         state, members, next_ids = self._drop_cancelled(state, members, next_ids)
+        t0 = time.perf_counter()
         logits = [state.step(engine.model, next_ids)] if members else []
+        t1 = time.perf_counter()
         new, new_logits, joining = self._prefill(joining)
+        t2 = time.perf_counter()
+        self.timings["forward_s"] += t1 - t0
+        self.timings["prefill_s"] += t2 - t1
         if joining:
             logits.append(new_logits)
             if members:
@@ -127,7 +134,7 @@ class DecodeLoop:
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(members))
         ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
-                                           torch.cat(logits) if len(logits) > 1 else logits[0])
+                                           torch.cat(logits) if len(logits) > 1 else logits[0], self.timings)
         if self.observer is not None:  # reported by _observe once the step is over
             self._seen = (len(members), joining, [g.rows[i] for g, i in members if g.rows[i].done])
 
