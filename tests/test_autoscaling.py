@@ -23,8 +23,8 @@ from fake_cluster import WORKER_TYPE, FakeAutoscalingCluster, start_fake_cluster
 pytestmark = pytest.mark.slow
 
 # Three 1-CPU nodes at most: two training workers hold one CPU each while Ray Data still
-# needs one to stream the training split to them (STACK-NOTES: a pipeline with no free CPU
-# stalls forever).
+# needs one to stream the training split to them (a pipeline with no free CPU stalls
+# forever: docs/training.md, "CPU budgeting").
 MAX_WORKERS = 3
 TEST_TIMEOUT_S = 600      # pytest-timeout's hard stop: a bound for hangs, not the expected time
 TEARDOWN_MARGIN_S = 60    # left for stopping the cluster and checking for stragglers
@@ -58,7 +58,7 @@ def submit_tiny_job(cluster: FakeAutoscalingCluster, corpus, out, store, timeout
     return cluster.submit(
         "python", "training/run.py", "--preset", "tiny",
         "--n-layer", "1", "--n-embd", "64", "--n-head", "2", "--vocab-size", "500",
-        "--valid-fraction", "0.25", "--max-steps", "4", "--micro-batch-size", "8",
+        "--valid-fraction", "0.25", "--max-steps", "4", "--micro-batch-size", "8", "--global-batch-size", "16",
         "--eval-steps", "4", "--save-steps", "4", "--logging-steps", "1", "--warmup-steps", "1",
         "--num-workers", "2", "--no-gpu", "--corpus", str(corpus),
         "--output", str(out), "--storage-path", str(store), timeout=timeout)

@@ -136,6 +136,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     from training.model import count_parameters, gpt2_config
     from training.preflight import check_probes, gpu_probe, probe_workers
     from training.ray_utils import init_ray
+    from training.streams import chunk_stream
     from training.tokenizer import load_tokenizer
     from training.tracking import settings as tracking_settings
     from training.train_loop import train_func
@@ -198,16 +199,15 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "record_batches": os.environ.get("CODECOMPLETE_TEST_RECORD_BATCHES") == "1",  # test-only
     }
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
-    read = {"ray_remote_args": {"num_cpus": plan.read_cpus}}
-    train_ds = ray.data.read_parquet(str(prepared.train_dir), **read)
-    if t.shuffle_buffer:  # blocks in a seeded random order, then each worker's shuffle buffer (train_loop)
-        train_ds = train_ds.randomize_block_order(seed=t.seed)
+    seed = t.seed if t.shuffle_buffer else None  # shuffle 0: file order, as the tests need
+    streams = {"train": chunk_stream(prepared.train_dir, plan.read_cpus, seed),
+               "valid": chunk_stream(prepared.valid_dir, plan.read_cpus)}
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
-        datasets={"train": train_ds, "valid": ray.data.read_parquet(str(prepared.valid_dir), **read)},
+        datasets=streams,
         dataset_config=DataConfig(datasets_to_split="all"),
         run_config=RunConfig(
             name=run_name,

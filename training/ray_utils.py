@@ -1,7 +1,7 @@
 """Joining or starting Ray with a CPU budget that lets every stage run.
 
 On a 2-core machine with `num_cpus=2`, a tokenizer actor pool of 2 x 1 CPU left Ray
-Data's read tasks no CPU and the stream stalled forever (STACK-NOTES). Logical CPUs are
+Data's read tasks no CPU and the stream stalled forever (docs/training.md, "CPU budgeting"). Logical CPUs are
 reservations, not cores, so a local cluster declares more of them than there are cores:
 two training workers, the tokenizer actors and the read tasks all fit, and the OS
 shares the real cores between them.

@@ -5,16 +5,17 @@ placement group stays pending forever. The driver watches each long stage from a
 
 - progress is a value that changes while the stage moves (the training workers' heartbeat,
   kept by the metrics sink), or, for a stage with no such signal (the data stage), the
-  absence of resource demand that Ray cannot place;
+  absence of resource demand that Ray cannot place; an autoscaler launching nodes counts
+  as progress too;
 - when it has not moved for `stall_timeout` seconds, the watchdog prints one line naming
   the stage, the resource demand Ray reports as pending and the flag that fixes it, and
-  interrupts the driver's main thread; `stop_if_fired` turns that into a `StallError`.
+  interrupts the driver's main thread (SIGINT); `stop_if_fired` turns that into a `StallError`.
 """
 
 from __future__ import annotations
 
-import _thread
 import os
+import signal
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -29,16 +30,31 @@ class StallError(ConfigError):
     """A stage made no progress for stall_timeout seconds (one line, exit code 2)."""
 
 
-def pending_demand() -> list[dict[str, float]]:
-    """Resource shapes Ray has been asked for and could not place yet (tasks, actors,
-    placement-group bundles), as `ray status` shows them. Empty when all is placed."""
+def _cluster_status() -> Any:
     import ray
 
+    if not ray.is_initialized():
+        return None
     try:
         from ray.autoscaler.v2.sdk import get_cluster_status
 
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return get_cluster_status(ray.get_runtime_context().gcs_address)
     except Exception:  # noqa: BLE001 - a status we cannot read is not a stall
+        return None
+
+
+def autoscaler_busy() -> bool:
+    """The autoscaler is launching nodes: waiting for them is progress, not a stall
+    (cloud GPU nodes can take many minutes)."""
+    status = _cluster_status()
+    return bool(status is not None and (status.pending_launches or status.pending_nodes))
+
+
+def pending_demand() -> list[dict[str, float]]:
+    """Resource shapes Ray has been asked for and could not place yet (tasks, actors,
+    placement-group bundles), as `ray status` shows them. Empty when all is placed."""
+    status = _cluster_status()
+    if status is None:
         return []
     d = status.resource_demands
     out: list[dict[str, float]] = []
@@ -62,8 +78,10 @@ class Watchdog:
     """with Watchdog("training", 300, progress=sink_beat): trainer.fit()"""
 
     def __init__(self, stage: str, timeout_s: float, progress: Optional[Callable[[], Any]] = None,
-                 poll_s: float = 5.0, demand: Callable[[], list] = pending_demand):
+                 poll_s: float = 5.0, demand: Callable[[], list] = pending_demand,
+                 scaling: Callable[[], bool] = autoscaler_busy):
         self.stage, self.timeout_s, self.progress, self.demand = stage, timeout_s, progress, demand
+        self.scaling = scaling
         self.poll_s = min(poll_s, max(timeout_s / 4, 0.5))
         self.message: Optional[str] = None
         self._stop = threading.Event()
@@ -92,13 +110,16 @@ class Watchdog:
         since = time.monotonic()
         while not self._stop.wait(self.poll_s):
             moved, last, demand = self._moved(last)
-            if moved:
+            if moved or self.scaling():
                 since = time.monotonic()
             elif time.monotonic() - since >= self.timeout_s:
                 self.message = (f"{self.stage} stage made no progress for {self.timeout_s:g}s "
                                 f"(--stall-timeout): {describe(demand)}; {FIX_HINT}")
                 print(f"[job] error: {self.message}", flush=True)
-                _thread.interrupt_main()
+                # A real SIGINT to the main thread (not _thread.interrupt_main, which
+                # leaves a blocking call asleep): Ctrl-C's path, which Ray Train turns into
+                # a graceful abort of the run.
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 if not self._stop.wait(120):  # the main thread did not come back: end it
                     os._exit(2)
                 return
@@ -114,14 +135,14 @@ class Watchdog:
             raise StallError(self.message)
 
 
-def watched(stage: str, timeout_s: float, fn: Callable[[], Any], progress: Optional[Callable[[], Any]] = None) -> Any:
+def watched(stage: str, timeout_s: float, fn: Callable[[], Any], progress: Optional[Callable[[], Any]] = None,
+            demand: Callable[[], list] = pending_demand) -> Any:
     """fn() under a Watchdog; a stall becomes a StallError instead of a KeyboardInterrupt."""
-    with Watchdog(stage, timeout_s, progress) as dog:
+    with Watchdog(stage, timeout_s, progress, demand=demand) as dog:
         try:
-            return fn()
-        except KeyboardInterrupt:
+            result = fn()
+        except BaseException:  # KeyboardInterrupt, or what Ray's own SIGINT handler makes of it
             dog.stop_if_fired()
             raise
-        except Exception:
-            dog.stop_if_fired()  # the interrupt may surface as another error inside Ray
-            raise
+        dog.stop_if_fired()  # Ray Train aborts the run on the interrupt and may return normally
+        return result

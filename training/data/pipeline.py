@@ -238,8 +238,8 @@ def cpu_plan(actors: int) -> float:
     """CPUs per tokenizer actor on the cluster Ray is joined to.
 
     Logical CPUs are reservations: if the actors took them all, Ray Data would never
-    schedule a read task and the stream would stall (STACK-NOTES: 2 x 1-CPU actors on
-    num_cpus=2 hung forever). So the actors together take at most what leaves one
+    schedule a read task and the stream would stall (2 x 1-CPU actors on num_cpus=2 hung
+    forever; docs/training.md, "CPU budgeting"). So the actors together take at most what leaves one
     task's worth free."""
     import ray
 
