@@ -91,7 +91,7 @@ def test_scraped_metrics_match_the_load(service):
                                                      .json()["data"][0]["id"], "prompt": "x = ", "max_tokens": 5},
                       timeout=120).json()
     usage.append((r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]))
-    assert requests.post(url + "/complete", json={"prompt": ""}, timeout=30).status_code == 422
+    assert requests.post(url + "/complete", json={"prompt": "x", "max_new_tokens": 0}, timeout=30).status_code == 422
     with cf.ThreadPoolExecutor(16) as pool:  # a burst: requests share the decode batch
         list(pool.map(complete, range(3, 19)))
     n_complete = 3 + 1 + 16  # 200s on /complete
