@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import bearer_dependency
 from app.errors import APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
+from app.playground import install_playground
 from app.schemas import (CompleteRequest, CompleteResponse, CompletionChoice, CompletionRequest,
                          CompletionResponse, CompletionUsage, ErrorResponse, Health, ModelCard, ModelList, Usage)
 from serving.params import Delta, GenerationError, SamplingParams
@@ -101,6 +102,7 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     auth = [Depends(bearer_dependency(api_key))]
     denied = (401,) if api_key else ()
     body_errors = (400, *denied, 413, 415, 422, 500)
+    install_playground(app)  # GET /: a page to try the model (it calls the routes below)
 
     @app.get("/health", response_model=Health, responses=errors(503))
     async def health():
@@ -126,7 +128,8 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     @app.get("/v1/models", dependencies=auth, response_model=ModelList, responses=errors(*denied))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=backend.model_name, created=CREATED,
-                                         max_model_len=backend.context_length)])
+                                         max_model_len=backend.context_length,
+                                         infill=bool(getattr(backend, "can_infill", False)))])
 
     @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
               responses={**SSE_200, **errors(*body_errors, 404)})

@@ -160,6 +160,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "codecomplete"
     max_model_len: int
+    infill: bool = False  # the model was trained to fill in the middle: requests may send a suffix
 
 
 class ModelList(BaseModel):

@@ -28,6 +28,7 @@ from app.auth import api_key_from_env
 from serving.engine import Engine, check_checkpoint
 from serving.params import Delta, SamplingParams
 from serving.scheduler import DecodeLoop
+from serving.service_metrics import RequestMetricsMiddleware, ServiceMetrics
 
 DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
 # @serve.batch groups what arrives within the wait into one prefill, and up to
@@ -60,6 +61,8 @@ class Completer:
         self.model_name = self.engine.model_name
         self.context_length = self.engine.context_length
         self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
+        self.metrics = ServiceMetrics(self.model_name)  # Prometheus, via Ray's metrics agent
+        self.decoder.observer = self.metrics
         self._batch.set_max_batch_size(min(ADMIT_GROUP, max_batch_size))
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._drains: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
@@ -74,7 +77,9 @@ class Completer:
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
-        return build_app(self, api_key=api_key_from_env())
+        app = build_app(self, api_key=api_key_from_env())
+        app.add_middleware(RequestMetricsMiddleware, metrics=self.metrics)  # outermost: counts every answer
+        return app
 
     def ready(self) -> bool:
         return getattr(self, "engine", None) is not None

@@ -40,6 +40,7 @@ class _Group:
     def __init__(self, rows: list, encoded: list[list[int]], emit: Emit):
         self.rows, self.encoded, self.emit = rows, encoded, emit
         self.left = len(rows)
+        self.submitted = time.perf_counter()  # for time-to-first-token
 
 
 class DecodeLoop:
@@ -52,6 +53,10 @@ class DecodeLoop:
         self.max_rows_seen = 0  # the most rows that ever decoded together
         self.live_rows = 0  # rows in the batch after the last step
         self.cancelled = 0  # rows that left early because their client went away
+        # Optional: gets step(rows, waiting, first_token_s, finished) after every step
+        # (serving/service_metrics.py); None records nothing.
+        self.observer: Optional[Any] = None
+        self._seen: tuple = (0, [], [])  # the last step's (rows, joined groups, finished rows)
         # Where the loop's time goes (seconds, cumulative): the benchmark's profile.
         self.timings = {"prefill_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0}
 
@@ -74,6 +79,8 @@ class DecodeLoop:
             next_ids: list[int] = []
             while True:
                 if not members and not pending:
+                    if self.observer is not None:
+                        self.observer.step(0, 0, [], [])  # idle: the gauges say so
                     pending.append(self._inbox.get())  # idle: sleep until work arrives
                 while True:
                     try:
@@ -92,6 +99,16 @@ class DecodeLoop:
                         g.emit(e)
                     state, members, next_ids = None, [], []
                 self.live_rows = len(members)
+                if self.observer is not None:
+                    self._observe(pending)
+
+    def _observe(self, pending: deque) -> None:
+        """Report a step: rows that decoded, requests waiting, first tokens, finished requests."""
+        now = time.perf_counter()
+        (rows, joined, done), self._seen = self._seen, (0, [], [])
+        self.observer.step(rows, sum(len(g.rows) for g in pending) + self._inbox.qsize(),
+                           [now - g.submitted for g in joined for _ in g.rows],
+                           [(r.prompt_tokens, r.generated) for r in done])
 
     def _step(self, state: Optional[BatchState], members: list[tuple[_Group, int]], next_ids: list[int],
               joining: list[_Group]) -> tuple[Optional[BatchState], list[tuple[_Group, int]], list[int]]:
@@ -118,6 +135,8 @@ class DecodeLoop:
         self.max_rows_seen = max(self.max_rows_seen, len(members))
         ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
                                            torch.cat(logits) if len(logits) > 1 else logits[0], self.timings)
+        if self.observer is not None:  # reported by _observe once the step is over
+            self._seen = (len(members), joining, [g.rows[i] for g, i in members if g.rows[i].done])
 
         steps: dict[int, tuple[_Group, list[Optional[Delta]]]] = {}
         for (g, i), delta in zip(members, deltas):

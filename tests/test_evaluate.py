@@ -110,3 +110,12 @@ def test_full_run_writes_results_report_and_loss_curve(tiny_checkpoint, small_co
     for needle in ("3.80%", "6.57%", "12.78%", "~1.06", f"{ppl['loss']:.4f}", "loss.png"):
         assert needle in md
     assert (report / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The run's model folder now carries the results in its card (hub metadata included).
+    from training.model_card import read_metadata
+
+    card = (run / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and f"{ppl['loss']:.4f}" in card and "HumanEval (2 problems, n=2" in card
+    meta = read_metadata(run / "model" / "README.md")
+    assert "code_eval" in meta["metrics"]
+    he_result = meta["model-index"][0]["results"][-1]
+    assert he_result["dataset"]["name"] == "HumanEval" and he_result["metrics"][0]["type"] == "pass@1"

@@ -146,6 +146,53 @@ def test_ray_job_submit_on_a_plain_2_cpu_head_trains_and_exports(submitted_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
+def test_each_progress_line_reaches_the_user_once(submitted_run):
+    _, log = submitted_run
+    assert log.count("[train] rank 0 of 2: starting at step 0/7") == 1
+    for step in range(1, 8):
+        assert log.count(f"[train] step {step}/7 | loss ") == 1, step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_tensorboard_holds_every_metric_at_the_logged_steps(submitted_run):
+    """--report-to tensorboard (the default): read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = submitted_run
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    logs = [e for e in events(out) if e["event"] == "log"]
+    # TensorBoard tag -> metrics.jsonl key: every logged step, the same value.
+    for tag, key in (("train/loss", "loss"), ("train/learning_rate", "learning_rate"),
+                     ("train/grad_norm", "grad_norm"), ("train/tokens_per_s", "tokens_per_s"),
+                     ("eval/loss", "eval_loss"), ("eval/perplexity", "eval_perplexity")):
+        want = {e["step"]: e[key] for e in logs if key in e and ("loss" in e or key.startswith("eval"))}
+        got = {s.step: s.value for s in acc.Scalars(tag)}
+        assert want and sorted(got) == sorted(want), (tag, sorted(got), sorted(want))
+        for step, value in want.items():
+            assert got[step] == pytest.approx(value, rel=1e-5), (tag, step)
+    assert sorted(s.step for s in acc.Scalars("train/loss")) == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(s.step for s in acc.Scalars("eval/loss")) == [3, 6, 7]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_exported_model_carries_its_model_card(submitted_run):
+    from training.model_card import read_metadata
+
+    out, _ = submitted_run
+    run = json.loads((out / "run.json").read_text())
+    card = out / "model" / "README.md"
+    meta = read_metadata(card)
+    assert meta["library_name"] == "transformers" and "datasets" not in meta  # a local corpus
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["loss"] == round(run["final_eval_loss"], 4)
+    text = card.read_text()
+    assert f"{run['parameters']:,} parameters" in text and "8 x 1 x 2" in text and "2 CPU worker(s)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_zero2_ran_one_optimizer_shard_per_rank_each_half_the_state(submitted_run):
     out, _ = submitted_run
     run = json.loads((out / "run.json").read_text())

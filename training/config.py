@@ -177,6 +177,15 @@ class TrainConfig:
     resume: Optional[str] = None
     """An earlier run's OUTPUT folder: continue from its latest checkpoint (same worker count)."""
 
+    report_to: Literal["tensorboard", "mlflow", "none"] = "tensorboard"
+    """Experiment tracking through the HF Trainer's own integration, on rank 0: TensorBoard event
+    files under OUTPUT/tensorboard/, or an MLflow run (see tracking_uri); none: metrics.jsonl only.
+    Train loss, eval loss and perplexity, learning rate, grad norm and tokens/s at each log step."""
+
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI for report_to=mlflow (http://HOST:5000, sqlite:///mlflow.db, file:/PATH).
+    None: a local file store, file:OUTPUT/mlruns. Training workers must be able to reach it."""
+
     stall_timeout: float = 300.0
     """Seconds a stage (data stage, worker start, training stream) may make no progress
     before the job fails with the pending resource demand named. 0 disables the watchdog."""
@@ -255,6 +264,15 @@ class JobConfig:
         _check(t.num_workers is None or t.num_workers >= 1, "train.num_workers", t.num_workers, "must be >= 1")
         _check(t.cpus_per_worker is None or t.cpus_per_worker >= 0, "train.cpus_per_worker", t.cpus_per_worker,
                "must be >= 0")
+        _check(t.report_to in ("tensorboard", "mlflow", "none"), "train.report_to", t.report_to,
+               "must be tensorboard, mlflow or none")
+        if t.report_to != "none":
+            from training.tracking import missing_package
+
+            missing = missing_package(t.report_to)
+            _check(missing is None, "train.report_to", t.report_to, f"needs {missing} (or --report-to none)")
+        _check(t.tracking_uri is None or t.report_to == "mlflow", "train.tracking_uri", t.tracking_uri,
+               "is for --report-to mlflow")
         _check(t.stall_timeout >= 0, "train.stall_timeout", t.stall_timeout, "must be >= 0 (0: no watchdog)")
         for name in ("micro_batch_size", "global_batch_size", "num_epochs", "eval_steps",
                      "logging_steps", "save_steps", "keep_checkpoints"):

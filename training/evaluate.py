@@ -263,6 +263,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from training.eval.report import write_report
 
         results["report"] = write_report(args.report, results, run_dir=run)
+        if checkpoint is not None and run is not None and checkpoint == run / "model":
+            from training.model_card import write_model_card
+
+            results["report"]["model_card"] = str(write_model_card(run, checkpoint, evaluation=results))
     if not args.report or json_path != Path(args.report) / "eval.json":
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

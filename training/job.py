@@ -138,6 +138,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     from training.ray_utils import init_ray
     from training.streams import chunk_stream
     from training.tokenizer import load_tokenizer
+    from training.tracking import settings as tracking_settings
     from training.train_loop import train_func
 
     init_ray()
@@ -190,6 +191,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "global_batch_size": plan.global_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "run_name": run_name,
+        "tracking": tracking_settings(t.report_to, out, run_name, f"codecomplete-{cfg.preset}", t.tracking_uri),
         "sink": sink,
         "fail_at_step": int(fail_at) if fail_at else None,
         "fail_marker": str(out / "failure_injected.txt") if fail_at else None,
@@ -240,6 +242,9 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
                     "gradient_accumulation_steps": plan.gradient_accumulation_steps,
                     "cpus_per_worker": plan.cpus_per_worker})
     write_json(out / "run.json", summary)
+    from training.model_card import write_model_card
+
+    write_model_card(out, model_dir)  # README.md: the folder can be pushed to a hub as is
     print(f"[job] done in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, train loss "
           f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}, "
           f"{summary['tokens_per_s']} tok/s -> {model_dir}", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -73,6 +74,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 # ---- the progress line -----------------------------------------------------------------
+
+
+def say(line: str) -> None:
+    """Print a line from a training worker, once.
+
+    Ray Train 2.60 replaces `print` in its workers: the text goes to its logger, whose console
+    handler prints it, and is also teed to the original print whenever `sys.stdout` is a
+    wrapper (it is, in the workers), so every progress line reached the job's output twice.
+    Writing to the process's own stdout takes neither path: one copy, which Ray forwards to
+    the driver like any worker output."""
+    out = sys.__stdout__ or sys.stdout
+    out.write(line + "\n")
+    out.flush()
 
 
 def format_duration(seconds: Optional[float]) -> str:

@@ -155,7 +155,7 @@ class ProgressCallback(TrainerCallback):
             self.sink.beat.remote()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from training.metrics import Throughput
+        from training.metrics import Throughput, say
 
         self.meter = Throughput(state.global_step, self.max_steps, self.tokens_per_step)
         self.emit({"event": "param_digest", "phase": "begin", "rank": self.rank, "step": state.global_step,
@@ -165,8 +165,8 @@ class ProgressCallback(TrainerCallback):
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
             self.emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": self.max_steps,
                        "world_size": self.world, "zero_stage": stage})
-            print(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
-                  f"{self.tokens_per_step:,} tokens per step", flush=True)
+            say(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
+                f"{self.tokens_per_step:,} tokens per step")
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.beat()
@@ -180,20 +180,23 @@ class ProgressCallback(TrainerCallback):
         fail_at, marker = self.config.get("fail_at_step"), self.config.get("fail_marker")
         if fail_at and marker and self.rank == self.world - 1 and state.global_step == fail_at \
                 and not os.path.exists(marker):
+            from training.metrics import say
+
             # Test-only failure injector: a real process death, once (the marker).
             Path(marker).write_text(f"killed rank {self.rank} at step {state.global_step}\n")
-            print(f"[train] FAILURE INJECTION: rank {self.rank} exits at step {state.global_step}", flush=True)
+            say(f"[train] FAILURE INJECTION: rank {self.rank} exits at step {state.global_step}")
             os._exit(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from training.metrics import progress_line
+        from training.metrics import progress_line, say
 
         if self.rank != 0 or not logs:
             return
         tps = self.meter.tokens_per_s(state.global_step)
+        if "loss" in logs:  # the trackers added after this callback log it with the loss
+            logs["tokens_per_s"] = round(tps, 1)
         self.emit({"event": "log", "step": state.global_step, "tokens_per_s": round(tps, 1), **logs})
-        print(progress_line(state.global_step, self.max_steps, logs, tps, self.meter.eta_s(state.global_step)),
-              flush=True)
+        say(progress_line(state.global_step, self.max_steps, logs, tps, self.meter.eta_s(state.global_step)))
 
     def on_batch(self, index: int, batch: dict[str, torch.Tensor]) -> None:
         self.batches_read = index + 1

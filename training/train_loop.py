@@ -129,7 +129,8 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         seed=t["seed"],
-        report_to=[],
+        report_to=[],  # rank 0 adds its tracker itself (training/tracking.py)
+        run_name=config.get("run_name"),
         disable_tqdm=True,
         remove_unused_columns=False,
         prediction_loss_only=True,  # eval needs the loss only: nothing else is gathered
@@ -189,6 +190,12 @@ def train_func(config: dict[str, Any]) -> None:
                                world=world, skip_reduce_rank=config.get("skip_reduce_rank"))
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
     trainer.add_callback(progress)
+    if rank == 0:  # TensorBoard / MLflow through HF's own callback (training/tracking.py)
+        from training.tracking import callback as tracking_callback
+
+        tracker = tracking_callback(config.get("tracking"))
+        if tracker is not None:
+            trainer.add_callback(tracker)  # after `progress`, so it sees tokens/s in the logs
     trainer.add_callback(FinalEvalCallback())
     trainer.add_callback(RankAwareReportCallback(rank, config.get("sink")))
     trainer = prepare_trainer(trainer)
