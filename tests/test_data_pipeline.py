@@ -72,12 +72,15 @@ def expected_chunks(texts: dict[str, str], tok, valid_fraction: float, mode: str
     return {k: Counter(v) for k, v in out.items()}
 
 
-def read_chunks(folder: Path) -> Counter:
+def read_chunks(folder: Path, with_labels: bool = False) -> Counter:
     rows: list = []
     for f in sorted(folder.glob("*.parquet")):
         t = pq.read_table(f)
         assert t.column_names == ["input_ids", "labels"]
         ids = t.column("input_ids").to_pylist()
+        if with_labels:
+            rows += zip(map(tuple, ids), map(tuple, t.column("labels").to_pylist()))
+            continue
         assert ids == t.column("labels").to_pylist()
         assert all(len(r) == CTX for r in ids)
         rows += map(tuple, ids)
@@ -120,6 +123,30 @@ def test_given_tokenizer_and_rerun_give_the_same_split_and_chunks(prepared, corp
                               tokenizer_actors=2))  # 2 actors on 2 logical CPUs: must not stall
     assert read_chunks(second.train_dir) == read_chunks(prepared.train_dir)
     assert read_chunks(second.valid_dir) == read_chunks(prepared.valid_dir)
+
+
+@pytest.mark.timeout(240)
+def test_fim_rewrites_train_chunks_in_the_ray_stage_exactly_as_the_pure_transform(prepared, corpus, tmp_path):
+    """fim_rate 0.5 with the same tokenizer: each train chunk is the seeded pure transform
+    of the left-to-right chunk (labels -100 on <fim_pad>), validation stays left to right."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from training.data.fim import codec_from_file, fim_chunks
+
+    fim = prepare_data(job(tmp_path / "fim", corpus=str(corpus), tokenizer=str(prepared.tokenizer_dir),
+                           fim_rate=0.5, fim_spm_rate=0.5, fim_seed=3))
+    assert read_chunks(fim.valid_dir) == read_chunks(prepared.valid_dir)
+    tj = str(prepared.tokenizer_dir / "tokenizer.json")
+    enc = Tokenizer.from_file(tj)
+    codec, ids = codec_from_file(tj, lambda s: enc.encode(s, add_special_tokens=False).ids)
+    plain = np.array(sorted(read_chunks(prepared.train_dir).elements()), dtype=np.int32)
+    inputs, labels = fim_chunks(plain, 3, codec, ids, 0.5, 0.5)
+    expected = Counter(zip(map(tuple, inputs.tolist()), map(tuple, labels.tolist())))
+    assert read_chunks(fim.train_dir, with_labels=True) == expected
+    rewritten = sum(r[0] == ids.prefix for r in inputs)
+    assert 0.25 * len(plain) < rewritten < 0.75 * len(plain)
+    assert fim.stats["fingerprint"] != prepared.stats["fingerprint"]
 
 
 @pytest.mark.timeout(240)

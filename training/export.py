@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 HF_SUBDIR = "checkpoint"  # RayTrainReportCallback.CHECKPOINT_NAME
+FIM_FILE = "fim.json"  # how the model was trained to infill; read by the service (serving/fim.py)
 
 
 def pick_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
@@ -26,8 +27,22 @@ def pick_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
     return result.checkpoint, dict(result.metrics or {})
 
 
-def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors (+ generation config) + the tokenizer to out_dir."""
+def fim_metadata(fim_rate: float, fim_spm_rate: float) -> dict[str, Any]:
+    from training.data.fim import FORMAT, SENTINELS
+
+    return {"fim_rate": fim_rate, "fim_spm_rate": fim_spm_rate, "format": FORMAT,
+            "tokens": dict(zip(("prefix", "middle", "suffix", "pad"), SENTINELS))}
+
+
+def write_fim_metadata(model_dir: str | Path, fim_rate: float, fim_spm_rate: float) -> Path:
+    """fim.json beside config.json: fim_rate 0 says the checkpoint cannot infill."""
+    return write_json(Path(model_dir) / FIM_FILE, fim_metadata(fim_rate, fim_spm_rate))
+
+
+def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path,
+                 fim_rate: float = 0.0, fim_spm_rate: float = 0.5) -> Path:
+    """Write config.json + model.safetensors (+ generation config) + the tokenizer + fim.json
+    (the data's FIM rate and format) to out_dir."""
     from transformers import AutoModelForCausalLM
 
     from training.tokenizer import load_tokenizer
@@ -42,6 +57,7 @@ def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path
         model = AutoModelForCausalLM.from_pretrained(str(src))
     model.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(tokenizer_dir).save_pretrained(str(out))
+    write_fim_metadata(out, fim_rate, fim_spm_rate)
     return out
 
 
