@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.batch_state import BatchState
+from serving.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -123,6 +124,12 @@ class Engine:
         self.model.eval()
         self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
         self.pad_token_id: int = self.tokenizer.pad_token_id
+        vocab = self.tokenizer.get_vocab()
+        # fim.json with fim_rate > 0: the model can infill (a `suffix`); None otherwise.
+        self.fim = read_fim(path, vocab)
+        # A completion ends at end-of-text or any FIM sentinel (<fim_pad> ends a middle), and
+        # never contains one.
+        self.stop_token_ids = {i for i in (self.eos_token_id, *(vocab.get(t) for t in SENTINELS)) if i is not None}
         cfg = self.model.config
         self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
@@ -130,17 +137,26 @@ class Engine:
 
     # ---- prompt handling -------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
-        """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit."""
+    def encode_prompt(self, prompt: "str | Sequence[int] | Infill", max_new_tokens: int) -> tuple[list[int], bool]:
+        """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit.
+        A prompt may be text, token ids, or an Infill (prefix + suffix: the FIM prompt)."""
         if not 1 <= max_new_tokens <= self.context_length - 1:
             raise ValueError(f"max_new_tokens must be in [1, {self.context_length - 1}]")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         budget = self.context_length - max_new_tokens
+        if isinstance(prompt, Infill):
+            if self.fim is None:
+                raise NoInfill(f"model {self.model_name!r} was trained without fill-in-the-middle "
+                               "(no fim.json with fim_rate > 0): it cannot complete with a suffix")
+            return fim_prompt_ids(self._encode(prompt.prefix), self._encode(prompt.suffix), self.fim, budget)
+        ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) > budget:
             return ids[-budget:], True
         if not ids:  # only possible for "" which the API rejects; keep the loop well-defined
             ids = [self.eos_token_id if self.eos_token_id is not None else self.pad_token_id]
         return ids, False
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -230,8 +246,8 @@ class Engine:
         p = row.params
         reason: Optional[str] = None
         row.generated += 1
-        if self.eos_token_id is not None and token == self.eos_token_id:
-            reason = "eos"  # the eos token itself is not part of the completion
+        if token in self.stop_token_ids:
+            reason = "eos"  # end-of-text / a FIM sentinel is not part of the completion
         else:
             row.tokens.append(token)
         if not (row.incremental or p.stop or reason or row.generated >= p.max_new_tokens):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from training.eval.passk import summarize
 from training.eval.sandbox import Limits, run_many
@@ -49,8 +49,9 @@ def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str
 
 
 def program(problem: dict, completion: str) -> str:
-    """The script the sandbox runs: prompt + completion, the tests, and the check call."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+    """The script the sandbox runs: prompt + completion (+ the suffix of an infilling
+    problem), the tests, and the check call."""
+    return (problem["prompt"] + completion + problem.get("suffix", "") + "\n\n" + problem["test"] + "\n\n"
             + f"check({problem['entry_point']})\n")
 
 
@@ -81,7 +82,8 @@ class HumanEvalResult:
 
 
 def score(problems: Sequence[dict], completions: dict[str, list[str]], limits: Limits = Limits(),
-          workers: Optional[int] = None, ks: Iterable[int] = KS) -> HumanEvalResult:
+          workers: Optional[int] = None, ks: Iterable[int] = KS,
+          cut: Callable[[str], str] = truncate_completion) -> HumanEvalResult:
     """Run every completion of every problem in the sandbox; pass@k for the ks that fit n.
 
     `completions` maps task_id -> raw completions; stop sequences are applied here, so raw
@@ -91,7 +93,7 @@ def score(problems: Sequence[dict], completions: dict[str, list[str]], limits: L
     missing = [t for t in by_id if not completions.get(t)]
     if missing:
         raise ValueError(f"no completions for {len(missing)} problems, e.g. {missing[:3]}")
-    samples = [Sample(t, truncate_completion(c)) for t in by_id for c in completions[t]]
+    samples = [Sample(t, cut(c)) for t in by_id for c in completions[t]]
     results = run_many([program(by_id[s.task_id], s.completion) for s in samples], limits, workers)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     status_counts: dict[str, int] = defaultdict(int)

@@ -1,0 +1,42 @@
+"""FIM prompts at inference: sentinel layout, far-side truncation, prefix kept longer."""
+
+from __future__ import annotations
+
+import json
+
+from serving.fim import FimSpec, fim_prompt_ids, read_fim, split_budget
+
+SPEC = FimSpec(prefix_id=1, middle_id=2, suffix_id=3, pad_id=4, fim_rate=0.5, format="starcoder")
+
+
+def test_fitting_prompt_is_psm_with_both_sides_whole():
+    ids, cut = fim_prompt_ids([10, 11], [20, 21, 22], SPEC, budget=100)
+    assert ids == [1, 10, 11, 3, 20, 21, 22, 2] and not cut
+
+
+def test_long_sides_are_cut_on_their_far_side_and_the_prefix_keeps_more():
+    prefix, suffix = list(range(100, 200)), list(range(200, 300))
+    ids, cut = fim_prompt_ids(prefix, suffix, SPEC, budget=43)
+    assert cut and len(ids) == 43 and ids[0] == 1 and ids[-1] == 2
+    s = ids.index(3)
+    kept_prefix, kept_suffix = ids[1:s], ids[s + 1:-1]
+    assert kept_prefix == prefix[-len(kept_prefix):]  # the text right before the cursor stays
+    assert kept_suffix == suffix[:len(kept_suffix)]  # the text right after the cursor stays
+    assert len(kept_prefix) > len(kept_suffix) >= 40 // 4
+
+
+def test_budget_split_gives_a_short_side_all_it_needs():
+    assert split_budget(5, 500, 100) == (5, 95)
+    assert split_budget(500, 5, 100) == (95, 5)
+    assert split_budget(500, 500, 100) == (75, 25)
+    assert split_budget(0, 0, 0) == (0, 0)
+
+
+def test_read_fim_needs_a_positive_rate_and_the_sentinels(tmp_path):
+    vocab = {"<fim_prefix>": 1, "<fim_middle>": 2, "<fim_suffix>": 3, "<fim_pad>": 4}
+    assert read_fim(tmp_path, vocab) is None  # no fim.json: an older, left-to-right folder
+    (tmp_path / "fim.json").write_text(json.dumps({"fim_rate": 0.0}))
+    assert read_fim(tmp_path, vocab) is None
+    (tmp_path / "fim.json").write_text(json.dumps({"fim_rate": 0.5, "format": "starcoder"}))
+    assert read_fim(tmp_path, vocab) == SPEC
+    assert read_fim(tmp_path, {"<fim_prefix>": 1}) is None
