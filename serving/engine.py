@@ -129,7 +129,7 @@ class Engine:
         self.fim = read_fim(path, vocab)
         # A completion ends at end-of-text or any FIM sentinel (<fim_pad> ends a middle), and
         # never contains one.
-        self.stop_token_ids = {i for i in (self.eos_token_id, *(vocab.get(t) for t in SENTINELS)) if i is not None}
+        self.sentinel_ids = {i for i in (vocab.get(t) for t in SENTINELS) if i is not None}
         cfg = self.model.config
         self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
@@ -246,7 +246,7 @@ class Engine:
         p = row.params
         reason: Optional[str] = None
         row.generated += 1
-        if token in self.stop_token_ids:
+        if token == self.eos_token_id or token in self.sentinel_ids:
             reason = "eos"  # end-of-text / a FIM sentinel is not part of the completion
         else:
             row.tokens.append(token)

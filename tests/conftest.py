@@ -51,9 +51,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fim_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
-    """tiny_checkpoint trained 30 more steps on data with fim_rate 0.5 (training/data/fim.py),
-    with its fim.json: a model that has seen the FIM format (the tests check the mechanics,
-    not its quality)."""
+    """tiny_checkpoint given the FIM sentinels and trained 30 more steps on data with fim_rate
+    0.5 (training/data/fim.py), with its fim.json: a model that has seen the FIM format (the
+    tests check the mechanics, not its quality)."""
     return _train_tiny(tmp_path_factory.mktemp("fimckpt") / "model", fim_rate=0.5, start=tiny_checkpoint)
 
 
@@ -69,12 +69,19 @@ def _train_tiny(out: Path, fim_rate: float, start: Path | None = None) -> Path:
     data = DataConfig(vocab_size=1000, context_length=128)
     torch.manual_seed(0)
     if start is None:
-        tok = train_tokenizer(texts, vocab_size=data.vocab_size, context_length=data.context_length)
+        # End-of-text only, as before FIM existed: the left-to-right checkpoint stays the one
+        # the serving tests were written against, and is an "older model" that cannot infill.
+        tok = train_tokenizer(texts, vocab_size=data.vocab_size, context_length=data.context_length,
+                              fim_tokens=False)
         model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=64, dropout=0.0), data, tok)
     else:
         from transformers import GPT2LMHeadModel
 
+        from training.tokenizer import FIM_TOKENS
+
         tok, model = load_tokenizer(start), GPT2LMHeadModel.from_pretrained(str(start))
+        tok.add_special_tokens({"additional_special_tokens": list(FIM_TOKENS)})
+        model.resize_token_embeddings(len(tok))
     ids = torch.tensor([i for t in texts for i in tok(t)["input_ids"] + [tok.eos_token_id]])
     n = (len(ids) // 128) * 128
     chunks = labels = ids[:n].view(-1, 128)

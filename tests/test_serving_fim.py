@@ -40,3 +40,26 @@ def test_read_fim_needs_a_positive_rate_and_the_sentinels(tmp_path):
     (tmp_path / "fim.json").write_text(json.dumps({"fim_rate": 0.5, "format": "starcoder"}))
     assert read_fim(tmp_path, vocab) == SPEC
     assert read_fim(tmp_path, {"<fim_prefix>": 1}) is None
+
+
+def test_engine_infills_with_the_fim_prompt_and_never_returns_a_sentinel(tiny_fim_checkpoint, tiny_checkpoint):
+    import pytest
+
+    from serving.engine import Engine, SamplingParams
+    from serving.fim import Infill, NoInfill
+
+    engine = Engine(tiny_fim_checkpoint, num_threads=1)
+    hole = Infill("def add(a, b):\n    ", "\n\nprint(add(1, 2))\n")
+    ids, cut = engine.encode_prompt(hole, 20)
+    assert not cut and ids == fim_prompt_ids(engine._encode(hole.prefix), engine._encode(hole.suffix),
+                                             engine.fim, 128 - 20)[0]
+    outs = engine.generate([hole] * 4, [SamplingParams(max_new_tokens=20, temperature=1.0, seed=s) for s in range(4)])
+    assert all("<fim_" not in c.text and "<|endoftext|>" not in c.text for c in outs)
+    first = engine.generate([hole], [SamplingParams(max_new_tokens=1)])[0]
+    first_id = engine._encode(first.text)[0] if first.text else None
+    if first_id is not None:  # the model's next token now counts as <fim_pad>: the middle ends there
+        engine.sentinel_ids.add(first_id)
+        done = engine.generate([hole], [SamplingParams(max_new_tokens=10)])[0]
+        assert (done.text, done.finish_reason) == ("", "eos")
+    with pytest.raises(NoInfill, match="without fill-in-the-middle"):
+        Engine(tiny_checkpoint, num_threads=1).encode_prompt(hole, 20)
