@@ -17,10 +17,10 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import bearer_dependency
-from app.errors import APIError, BodyLimitMiddleware, error_body, install_error_handlers
+from app.errors import APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
 from app.schemas import (CompleteRequest, CompleteResponse, CompletionChoice, CompletionRequest,
                          CompletionResponse, CompletionUsage, ModelCard, ModelList, Usage)
-from serving.engine import Delta, SamplingParams
+from serving.params import Delta, GenerationError, SamplingParams
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -41,10 +41,19 @@ def sse(data: object) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+async def deltas(backend: Backend, prompt: str, params: SamplingParams,
+                 incremental: bool = True) -> AsyncIterator[Delta]:
+    """The backend's stream, with a request that failed in decoding raised as GenerationError."""
+    async for d in backend.stream(prompt, params, incremental=incremental):
+        if d.error is not None:
+            raise GenerationError(d.error)
+        yield d
+
+
 async def collect(backend: Backend, prompt: str, params: SamplingParams) -> tuple[str, Delta]:
     """Run one request to the end: (completion text, final delta)."""
     parts: list[str] = []
-    async for d in backend.stream(prompt, params, incremental=False):
+    async for d in deltas(backend, prompt, params, incremental=False):
         parts.append(d.text)
         if d.finished:
             return "".join(parts), d
@@ -134,7 +143,7 @@ async def _complete_events(backend: Backend, prompt: str, params: SamplingParams
     """SSE for /complete: {"text": delta}... then a final event with the verdict, then [DONE]."""
     parts: list[str] = []
     try:
-        async for d in backend.stream(prompt, params):
+        async for d in deltas(backend, prompt, params):
             parts.append(d.text)
             if d.finished:
                 yield sse({"text": d.text, "finish_reason": d.finish_reason, "completion": "".join(parts),
@@ -144,7 +153,7 @@ async def _complete_events(backend: Backend, prompt: str, params: SamplingParams
             if d.text:
                 yield sse({"text": d.text})
     except Exception as e:  # headers are sent: report in-band, as TGI does
-        yield sse(error_body(500, f"generation failed: {type(e).__name__}"))
+        yield sse(failure_body(e))
     yield sse("[DONE]")
 
 
@@ -155,7 +164,7 @@ async def _openai_events(backend: Backend, jobs: list, n_per_prompt: int, rid: s
 
     async def pump(idx: int, prompt: str, params: SamplingParams) -> None:
         try:
-            async for d in backend.stream(prompt, params):
+            async for d in deltas(backend, prompt, params):
                 await queue.put((idx, d))
                 if d.finished:
                     return
@@ -176,7 +185,7 @@ async def _openai_events(backend: Backend, jobs: list, n_per_prompt: int, rid: s
         while pending:
             idx, d = await queue.get()
             if isinstance(d, Exception):
-                yield sse(error_body(500, f"generation failed: {type(d).__name__}"))
+                yield sse(failure_body(d))
                 return
             if d.text or d.finished:
                 reason = openai_reason(d) if d.finished else None

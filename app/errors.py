@@ -8,6 +8,7 @@ message) plus `field`, the name of the offending request field. Validation failu
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.schemas import MAX_BODY_BYTES
+from serving.params import GenerationError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,21 @@ class APIError(Exception):
 def error_body(status: int, message: str, field: Optional[str] = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "field": field, "param": field, "code": status}}
+
+
+def failure_body(exc: BaseException) -> dict[str, Any]:
+    """A 500 body for one failed request, with an id that is also in the server's log."""
+    rid = f"req-{uuid.uuid4().hex[:16]}"
+    what = "generation failed" if isinstance(exc, GenerationError) else "internal error"
+    log.error("request %s: %s: %s: %s", rid, what, type(exc).__name__, exc)
+    body = error_body(500, f"{what}: {type(exc).__name__} (request id {rid})")
+    body["error"]["request_id"] = rid
+    return body
+
+
+def failure_response(exc: BaseException) -> JSONResponse:
+    body = failure_body(exc)
+    return JSONResponse(body, status_code=500, headers={"X-Request-Id": body["error"]["request_id"]})
 
 
 def error_response(status: int, message: str, field: Optional[str] = None,
@@ -88,10 +105,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), None, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(GenerationError)
+    async def _failed(_: Request, exc: GenerationError) -> JSONResponse:
+        return failure_response(exc)  # this request's decoding failed (alone): its own 500
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}", None)
+        return failure_response(exc)
 
 
 class BodyLimitMiddleware:

@@ -181,6 +181,7 @@ class ErrorDetail(BaseModel):
     field: Optional[str] = None
     param: Optional[str] = None  # OpenAI's name for the same thing
     code: int
+    request_id: Optional[str] = None  # on 500s: the id the server logged the failure under
 
 
 class ErrorResponse(BaseModel):

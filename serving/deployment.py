@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -23,7 +24,8 @@ from ray import serve
 
 from app.api import build_app
 from app.auth import api_key_from_env
-from serving.engine import Delta, Engine, SamplingParams, check_checkpoint
+from serving.engine import Engine, check_checkpoint
+from serving.params import Delta, SamplingParams
 from serving.scheduler import DecodeLoop
 
 DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
@@ -59,6 +61,13 @@ class Completer:
         self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
         self._batch.set_max_batch_size(min(ADMIT_GROUP, max_batch_size))
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._drains: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+
+    def stats(self) -> dict[str, int]:
+        """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled."""
+        d = self.decoder
+        return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
+                "cancelled": d.cancelled, "draining": len(self._drains)}
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
@@ -72,28 +81,38 @@ class Completer:
             raise RuntimeError("model not loaded")
 
     async def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
-        steps = self._batch((prompt, params, incremental))
+        # Set when this request ends early (client gone: Serve cancels the request, or the
+        # streaming response is closed): the decode loop drops the row before its next step.
+        cancel = threading.Event()
+        steps = self._batch((prompt, params, incremental, cancel))
+        finished = False
         try:
             async for d in steps:
                 if d.text or d.finished:
                     yield d
                 if d.finished:
+                    finished = True
                     break
         finally:
+            if not finished:
+                cancel.set()
             # The batcher still resolves this request's next future (with StopAsyncIteration)
             # one step later; consume it off the request path so it is not logged as lost.
-            asyncio.ensure_future(_drain(steps))
+            task = asyncio.ensure_future(_drain(steps))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
 
     @serve.batch(max_batch_size=ADMIT_GROUP, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
                  max_concurrent_batches=CONCURRENT_GROUPS)
-    async def _batch(self, jobs: list[tuple[str, SamplingParams, bool]]) -> AsyncIterator[list[Any]]:
+    async def _batch(self, jobs: list[tuple[str, SamplingParams, bool, threading.Event]]) -> AsyncIterator[list[Any]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(item: Any) -> None:  # called on the decode thread, once per step with news
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        self.decoder.submit([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs], emit)
+        self.decoder.submit([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs], emit,
+                            cancel=[j[3] for j in jobs])
         finished = [False] * len(jobs)
         while not all(finished):
             steps = [await queue.get()]

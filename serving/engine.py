@@ -12,8 +12,10 @@ short ones pay for its steps.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,46 +26,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.batch_state import BatchState
 from serving.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
+from serving.params import Completion, Delta, GenerationError, SamplingParams
+from serving.sampling import row_key, sample, uniform
+
+log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Test-only fault injection: a request whose prompt contains this variable's value fails
+# while it is sampled, so tests can check one failing request leaves its batch-mates alone.
+# Unset (always, outside tests) it costs nothing.
+TEST_FAULT_ENV = "CODECOMPLETE_TEST_FAULT_MARKER"
 
 
 class CheckpointError(ValueError):
     """The checkpoint folder is missing or is not a Hugging Face model folder."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation settings (validated at the HTTP layer, re-checked here)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
-    stop: tuple[str, ...] = ()
-    seed: Optional[int] = None
-
-
-@dataclass
-class Delta:
-    """What one request got from one decode step: new text, and the verdict once it is done."""
-
-    text: str
-    finished: bool = False
-    finish_reason: Optional[str] = None  # "length" | "stop" | "eos"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    truncated: bool = False
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    truncated: bool
 
 
 @dataclass
@@ -73,12 +50,15 @@ class _Row:
     params: SamplingParams
     prompt_tokens: int
     truncated: bool
-    rng: random.Random
+    key: int  # the request's seed, hashed: its random stream is sampling.uniform(key, step)
     tokens: list[int] = field(default_factory=list)  # the completion's tokens (eos excluded)
     generated: int = 0  # tokens sampled, eos included: what usage reports, as vLLM does
     emitted: int = 0  # characters of the completion already handed out
     done: bool = False
     incremental: bool = True  # hand out text step by step (streaming) or only at the end
+    cancel: Optional[threading.Event] = None  # set when the client went away: the row leaves
+    fault: bool = False  # test-only: sampling this row raises (see TEST_FAULT_ENV)
+    error: Optional[str] = None  # why this row failed
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -134,6 +114,7 @@ class Engine:
         self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
         self.model_name = model_name or (path.parent.name if path.name == "model" and path.parent.name else path.name)
+        self._fault_marker: Optional[str] = os.environ.get(TEST_FAULT_ENV) or None
 
     # ---- prompt handling -------------------------------------------------------------
 
@@ -164,17 +145,22 @@ class Engine:
     # ---- the decode loop -------------------------------------------------------------
 
     def start_rows(self, prompts: Sequence[str], params: Sequence[SamplingParams],
-                   incremental: Optional[Sequence[bool]] = None) -> tuple[list[_Row], list[list[int]]]:
+                   incremental: Optional[Sequence[bool]] = None,
+                   cancel: Optional[Sequence[Optional[threading.Event]]] = None) -> tuple[list[_Row], list[list[int]]]:
         """Decode state and prompt ids per request (ValueError for an impossible request)."""
         assert len(prompts) == len(params) and prompts
         incremental = list(incremental) if incremental is not None else [True] * len(prompts)
+        cancel = list(cancel) if cancel is not None else [None] * len(prompts)
         rows: list[_Row] = []
         encoded: list[list[int]] = []
-        for prompt, p, inc in zip(prompts, params, incremental):
+        for prompt, p, inc, stop in zip(prompts, params, incremental, cancel):
+            if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
+                raise ValueError(f"invalid sampling parameters {p}")
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
-            seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**63)
-            rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, rng=random.Random(seed),
-                             incremental=inc))
+            seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
+            rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
+                             incremental=inc, cancel=stop,
+                             fault=bool(self._fault_marker and isinstance(prompt, str) and self._fault_marker in prompt)))
             encoded.append(ids)
         return rows, encoded
 
@@ -206,40 +192,54 @@ class Engine:
 
     def advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> tuple[list[int], list[Optional[Delta]], list[int]]:
         """One step for a batch's rows: (sampled ids, each row's Delta or None, batch indices
-        of the rows that go on)."""
-        next_ids = self._sample(logits, rows)
-        deltas = [self._advance(row, token) for row, token in zip(rows, next_ids)]
+        of the rows that go on). A row whose sampling or decoding raises ends with an "error"
+        Delta; the other rows are not affected."""
+        try:
+            next_ids = self._sample(logits, rows)
+        except Exception:  # find the culprit: sample row by row (draws are stateless, so rows repeat exactly)
+            next_ids = []
+            for b, row in enumerate(rows):
+                try:
+                    next_ids.append(self._sample(logits[b:b + 1], [row])[0])
+                except Exception as e:
+                    self._fail(row, e)
+                    next_ids.append(self.pad_token_id)
+        deltas: list[Optional[Delta]] = []
+        for row, token in zip(rows, next_ids):
+            if row.done:  # failed while sampling
+                deltas.append(self._failure(row))
+                continue
+            try:
+                deltas.append(self._advance(row, token))
+            except Exception as e:
+                self._fail(row, e)
+                deltas.append(self._failure(row))
         return next_ids, deltas, [b for b, row in enumerate(rows) if not row.done]
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
-        """Next token per row: argmax for temperature 0, else top-k / top-p sampling with the row's RNG."""
-        choice = logits.argmax(dim=-1).tolist()
+        """Next token per row: argmax for temperature 0, else seeded top-k / top-p sampling (sampling.py)."""
+        if self._fault_marker and any(row.fault for row in rows):
+            raise RuntimeError("injected test fault (" + TEST_FAULT_ENV + ")")
+        choice = logits.argmax(dim=-1)
         sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
         if not sampled:
-            return choice
-        idx = torch.tensor(sampled)
-        temps = torch.tensor([rows[b].params.temperature for b in sampled], dtype=torch.float32)
-        sorted_logits, order = torch.sort(logits[idx] / temps[:, None], dim=-1, descending=True)
-        vocab = sorted_logits.shape[-1]
-        ranks = torch.arange(vocab)[None, :]
-        top_k = torch.tensor([rows[b].params.top_k or vocab for b in sampled])
-        sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-        probs = torch.softmax(sorted_logits, dim=-1)
-        top_p = torch.tensor([rows[b].params.top_p for b in sampled], dtype=torch.float32)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        before = probs.cumsum(dim=-1) - probs
-        probs = probs.masked_fill(before >= top_p[:, None], 0.0)
-        cdf = probs.double().cumsum(dim=-1)
-        # One uniform draw per row from the row's own RNG: independent of the batch.
-        u = torch.tensor([rows[b].rng.random() for b in sampled], dtype=torch.float64) * cdf[:, -1]
-        pos = torch.searchsorted(cdf, u[:, None], right=True)
-        # Kept tokens are a prefix of the sorted order; rounding must not step past it.
-        last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1
-        pos = torch.minimum(pos, last_kept)
-        picked = order.gather(1, pos).squeeze(1).tolist()
-        for j, b in enumerate(sampled):
-            choice[b] = picked[j]
-        return choice
+            return choice.tolist()
+        picked_rows = [rows[b] for b in sampled]
+        x = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled)]
+        picked = sample(x, [r.params.temperature for r in picked_rows], [r.params.top_k for r in picked_rows],
+                        [r.params.top_p for r in picked_rows], [uniform(r.key, r.generated) for r in picked_rows])
+        if len(sampled) == len(rows):
+            return picked.tolist()
+        choice[torch.tensor(sampled)] = picked
+        return choice.tolist()
+
+    def _fail(self, row: _Row, e: Exception) -> None:
+        log.error("decoding one request failed; its batch goes on", exc_info=e)
+        row.done, row.error = True, f"{type(e).__name__}: {e}"
+
+    @staticmethod
+    def _failure(row: _Row) -> Delta:
+        return Delta("", True, "error", row.prompt_tokens, row.generated, row.truncated, error=row.error)
 
     def _advance(self, row: _Row, token: int) -> Optional[Delta]:
         """Append a token to a row; return the text it may release now, and the verdict if done."""
@@ -296,6 +296,8 @@ class Engine:
         out = []
         for t, d in zip(texts, final):
             assert d is not None
+            if d.error:
+                raise GenerationError(d.error)
             out.append(Completion(t, d.finish_reason or "length", d.prompt_tokens, d.completion_tokens, d.truncated))
         return out
 

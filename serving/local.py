@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from serving.engine import Delta, Engine, SamplingParams
+from serving.engine import Engine
+from serving.params import Delta, SamplingParams
 
 
 class LocalBackend:

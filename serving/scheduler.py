@@ -11,6 +11,12 @@ Each submitted group gets, through its `emit` callback (called on the loop's thr
 a list with one entry per request for every step that produced something (a Delta or
 None), then None once all of its requests have finished, or the exception that broke
 the step.
+
+One request never takes others down: a request whose sampling or decoding fails ends
+with its own "error" Delta (Engine.advance), and a group whose prefill fails gets the
+exception alone. Only a failing forward pass of the running batch fails every row in it.
+A request whose `cancel` event is set (its client went away) leaves the batch before the
+next forward pass, with a "cancelled" Delta.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from serving.batch_state import BatchState
-from serving.engine import Delta, Engine, SamplingParams
+from serving.engine import Engine
+from serving.params import Delta, SamplingParams
 
 Emit = Callable[[Any], None]
 
@@ -42,11 +49,14 @@ class DecodeLoop:
         self._start = threading.Lock()
         self.steps = 0  # decode steps run (for tests and stats)
         self.max_rows_seen = 0  # the most rows that ever decoded together
+        self.live_rows = 0  # rows in the batch after the last step
+        self.cancelled = 0  # rows that left early because their client went away
 
     def submit(self, prompts: Sequence[str], params: Sequence[SamplingParams],
-               incremental: Sequence[bool], emit: Emit) -> None:
+               incremental: Sequence[bool], emit: Emit,
+               cancel: Optional[Sequence[Optional[threading.Event]]] = None) -> None:
         """Queue requests to join the running batch. Raises ValueError for an impossible one."""
-        rows, encoded = self.engine.start_rows(prompts, params, incremental)
+        rows, encoded = self.engine.start_rows(prompts, params, incremental, cancel)
         self._inbox.put(_Group(rows, encoded, emit))
         with self._start:
             if self._thread is None:
@@ -74,25 +84,28 @@ class DecodeLoop:
                     joining.append(pending.popleft())
                 try:
                     state, members, next_ids = self._step(state, members, next_ids, joining)
-                except BaseException as e:  # every request in the batch gets the error
+                except BaseException as e:  # the batch's forward pass failed: every row in it did
                     for g in list({id(g): g for g, _ in members}.values()) + joining:
                         g.emit(e)
                     state, members, next_ids = None, [], []
+                self.live_rows = len(members)
 
     def _step(self, state: Optional[BatchState], members: list[tuple[_Group, int]], next_ids: list[int],
               joining: list[_Group]) -> tuple[Optional[BatchState], list[tuple[_Group, int]], list[int]]:
         """One step: the running rows decode a token, the joining ones prefill, all sample."""
         engine = self.engine
+        state, members, next_ids = self._drop_cancelled(state, members, next_ids)
         logits = [state.step(engine.model, next_ids)] if members else []
+        new, new_logits, joining = self._prefill(joining)
         if joining:
-            new, new_logits = BatchState.prefill(engine.model, [ids for g in joining for ids in g.encoded],
-                                                 engine.pad_token_id)
             logits.append(new_logits)
             if members:
                 state.merge(new)
             else:
                 state = new
             members = members + [(g, i) for g in joining for i in range(len(g.rows))]
+        if not members:  # nothing running and every joining group failed its prefill
+            return None, [], []
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(members))
         ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
@@ -112,3 +125,51 @@ class DecodeLoop:
         if len(keep) < len(members):
             state.keep(keep)
         return state, [members[b] for b in keep], [ids[b] for b in keep]
+
+    def _prefill(self, joining: list[_Group]) -> tuple[Optional[BatchState], Optional[torch.Tensor], list[_Group]]:
+        """Prefill the joining groups together; if that fails, each alone, so a failure
+        reaches only the group that caused it. Returns (state, logits, groups that made it)."""
+        if not joining:
+            return None, None, []
+        model, pad = self.engine.model, self.engine.pad_token_id
+        try:
+            new, logits = BatchState.prefill(model, [ids for g in joining for ids in g.encoded], pad)
+            return new, logits, joining
+        except Exception as e:
+            if len(joining) == 1:
+                joining[0].emit(e)
+                return None, None, []
+        ok: list[tuple[_Group, BatchState, torch.Tensor]] = []
+        for g in joining:
+            try:
+                ok.append((g, *BatchState.prefill(model, g.encoded, pad)))
+            except Exception as e:
+                g.emit(e)
+        if not ok:
+            return None, None, []
+        state = ok[0][1]
+        for _, other, _ in ok[1:]:
+            state.merge(other)
+        return state, torch.cat([lg for _, _, lg in ok]), [g for g, _, _ in ok]
+
+    def _drop_cancelled(self, state: Optional[BatchState], members: list[tuple[_Group, int]], next_ids: list[int]):
+        """Rows whose client went away leave before the next forward pass."""
+        gone = [b for b, (g, i) in enumerate(members) if g.rows[i].cancel is not None and g.rows[i].cancel.is_set()]
+        if not gone:
+            return state, members, next_ids
+        for b in gone:
+            g, i = members[b]
+            row = g.rows[i]
+            row.done = True
+            g.left -= 1
+            step: list[Optional[Delta]] = [None] * len(g.rows)
+            step[i] = Delta("", True, "cancelled", row.prompt_tokens, row.generated, row.truncated)
+            g.emit(step)
+            if g.left == 0:
+                g.emit(None)
+        self.cancelled += len(gone)
+        keep = sorted(set(range(len(members))) - set(gone))
+        if not keep:
+            return None, [], []
+        state.keep(keep)
+        return state, [members[b] for b in keep], [next_ids[b] for b in keep]

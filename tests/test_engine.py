@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from serving.engine import CheckpointError, Engine, SamplingParams, check_checkpoint
+from serving.engine import CheckpointError, Engine, check_checkpoint
+from serving.params import GenerationError, SamplingParams
 
 PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n    def __init__(self", "x = 1"]
 
@@ -121,3 +122,32 @@ def test_config_is_read_from_the_folder(engine, tiny_checkpoint):
     cfg = json.loads((tiny_checkpoint / "config.json").read_text())
     assert engine.context_length == cfg["n_positions"] == 128
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=1e-300), dict(top_p=5e-324, top_k=1), dict(temperature=5e-324),
+                                dict(temperature=1e300, top_k=3), dict(temperature=100.0, top_p=1.0 - 1e-16),
+                                dict(top_k=2**62, top_p=0.5)])
+def test_edge_sampling_parameters_complete(engine, kw):
+    """The former decode-step crash (top_p=1e-300 kept no token) and its relatives."""
+    c = engine.complete(PROMPTS[0], max_new_tokens=6, **{"temperature": 1.0, "seed": 1, **kw})
+    assert c.finish_reason in ("length", "eos") and c.completion_tokens >= 1
+
+
+def test_a_request_failing_mid_decode_fails_alone(engine, monkeypatch):
+    monkeypatch.setattr(engine, "_fault_marker", "#poison#")  # what TEST_FAULT_ENV sets
+    prompts = [PROMPTS[0], "#poison#" + PROMPTS[1], PROMPTS[2], PROMPTS[3]]
+    params = [SamplingParams(12, 0.8, seed=1), SamplingParams(12, 0.8, seed=2), SamplingParams(12),
+              SamplingParams(12, 1.1, 0.9, 20, (), 3)]
+    texts, finals = ["" for _ in prompts], {}
+    for step in engine.stream_batch(prompts, params, incremental=[False] * 4):
+        for i, d in enumerate(step):
+            if d is not None:
+                texts[i] += d.text
+                if d.finished:
+                    finals[i] = d
+    assert finals[1].finish_reason == "error" and "injected test fault" in finals[1].error
+    alone = [engine.generate([prompts[i]], [params[i]])[0] for i in (0, 2, 3)]
+    assert [texts[i] for i in (0, 2, 3)] == [a.text for a in alone]  # batch-mates: as if alone
+    assert all(finals[i].error is None for i in (0, 2, 3))
+    with pytest.raises(GenerationError, match="injected"):
+        engine.complete(prompts[1], max_new_tokens=4)

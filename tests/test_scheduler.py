@@ -103,3 +103,34 @@ def test_row_cap_holds_and_bad_requests_fail_at_submit(engine):
     assert loop.max_rows_seen == 2
     with pytest.raises(ValueError, match="max_new_tokens"):
         loop.submit(["x"], [SamplingParams(max_new_tokens=10_000)], [False], lambda item: None)
+
+
+def test_failing_request_and_cancelled_request_leave_the_others_alone(engine, monkeypatch):
+    monkeypatch.setattr(engine, "_fault_marker", "#poison#")
+    loop = DecodeLoop(engine, max_rows=8)
+    q: queue.Queue = queue.Queue()
+    cancel = [threading.Event() for _ in range(3)]
+    prompts = [PROMPTS[0], "#poison#x", PROMPTS[1]]
+    params = [SamplingParams(40), SamplingParams(40, 0.7, seed=1), SamplingParams(40, 0.9, seed=4)]
+    loop.submit(prompts, params, [True] * 3, q.put, cancel=cancel)
+    texts, finals, steps_at_cancel = ["", "", ""], {}, None
+    while True:
+        item = q.get(timeout=60)
+        if item is None:
+            break
+        assert not isinstance(item, BaseException), item
+        for i, d in enumerate(item):
+            if d is not None:
+                texts[i] += d.text
+                if d.finished:
+                    finals[i] = (d, loop.steps)
+        if steps_at_cancel is None and len(texts[0]) > 0:
+            cancel[0].set()  # the client of request 0 went away
+            steps_at_cancel = loop.steps
+    assert finals[1][0].finish_reason == "error"
+    assert finals[0][0].finish_reason == "cancelled" and finals[0][1] <= steps_at_cancel + 1
+    assert finals[2][0].finish_reason in ("length", "eos") and texts[2] == alone(engine, prompts[2], params[2])
+    deadline = time.monotonic() + 10
+    while loop.live_rows and time.monotonic() < deadline:  # set just after the step that emitted the end
+        time.sleep(0.01)
+    assert loop.cancelled == 1 and loop.live_rows == 0

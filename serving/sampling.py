@@ -1,0 +1,95 @@
+"""Next-token sampling for a whole batch at once, each row with its own parameters and seed.
+
+Vectorised: one pass of tensor ops over [rows, vocab] for every sampled row together, no
+per-row Python beyond drawing one number. Reproducible: the only randomness is one uniform
+number per row and step, `uniform(row_key, step)`, a counter-based draw (a hash of the
+request's seed and the step), so a row samples the same token whatever shares its batch,
+and a step can be retried without disturbing any row's random stream.
+
+Sampling itself is inverse-CDF over the (filtered) distribution in vocabulary order: no
+sort of the vocabulary unless a row asks for top-p, and then only of its top candidates
+when they already hold the requested mass.
+
+Every accepted parameter value works: temperature anywhere in (0, inf) (denormals too),
+top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+F32_MAX = float(torch.finfo(torch.float32).max)
+TOP_P_CANDIDATES = 64  # top-p first looks at this many best tokens; sorts all only if they lack the mass
+
+
+def mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijective 64-bit hash with good avalanche."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def row_key(seed: int) -> int:
+    """A request's key for `uniform`: its seed (any int, negatives too) hashed once."""
+    return mix64(seed & MASK64)
+
+
+def uniform(key: int, step: int) -> float:
+    """The request's random number in [0, 1) for this step: a pure function of (seed, step)."""
+    return (mix64(key + (step + 1) * GOLDEN) >> 11) * (1.0 / (1 << 53))
+
+
+def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
+           u: Sequence[float]) -> torch.Tensor:
+    """One token id per row of `logits` [rows, vocab]; all rows sample (temperature > 0)."""
+    rows, vocab = logits.shape
+    # Shift so the best token is exactly 0 before scaling: then no temperature, however
+    # small (5e-324) or large, makes inf - inf or 0 * inf; 1/T is capped to stay finite.
+    inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
+    scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) * inv_t[:, None]
+    ninf = float("-inf")
+
+    k = torch.tensor(list(top_k), dtype=torch.long)
+    need_k = (k > 0) & (k < vocab)
+    if bool(need_k.any()):
+        kmax = int(k[need_k].max())
+        kth = scaled.topk(kmax, dim=-1).values.gather(1, (k.clamp(1, kmax) - 1)[:, None])
+        threshold = torch.where(need_k[:, None], kth, torch.full_like(kth, ninf))
+        scaled = scaled.masked_fill(scaled < threshold, ninf)  # the best token (0) always stays
+
+    p = torch.tensor(list(top_p), dtype=torch.float64)
+    need_p = p < 1.0
+    if bool(need_p.any()):
+        idx = need_p.nonzero().squeeze(1)
+        part = scaled[idx]
+        probs = torch.softmax(part, dim=-1)
+        scaled[idx] = part.masked_fill(probs < _nucleus_floor(probs, p[idx]), ninf)
+
+    weights = torch.exp(scaled)  # unnormalised; the best token weighs exactly 1
+    cdf = weights.double().cumsum(dim=-1)
+    x = torch.tensor(list(u), dtype=torch.float64)[:, None] * cdf[:, -1:]
+    # First index whose cdf exceeds x: a token of non-zero weight (the cdf steps up there).
+    pos = torch.searchsorted(cdf, x, right=True).clamp(max=vocab - 1)
+    # u close to 1 can round past the last kept token: fall back to the best token then.
+    stray = weights.gather(1, pos) == 0
+    if bool(stray.any()):
+        pos = torch.where(stray, scaled.argmax(dim=-1, keepdim=True), pos)
+    return pos.squeeze(1)
+
+
+def _nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest probability inside the nucleus: the fewest best tokens whose
+    mass reaches top_p (always at least one). Tokens tied with it stay too."""
+    c = min(TOP_P_CANDIDATES, probs.shape[-1])
+    best = probs.topk(c, dim=-1).values
+    if bool((best.double().sum(dim=-1) < top_p).any()):  # some row's nucleus is wider: sort it all
+        best = probs.sort(dim=-1, descending=True).values
+    mass = best.double().cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)  # mass of the better tokens
+    n_keep = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)  # top_p of 1e-300 still keeps one
+    return best.gather(1, (n_keep - 1)[:, None])

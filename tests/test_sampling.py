@@ -1,0 +1,94 @@
+"""The batched sampler (serving/sampling.py): every accepted parameter value yields a token,
+filters keep at least one token, draws depend only on (seed, step)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from serving.sampling import row_key, sample, uniform
+
+VOCAB = 1000
+TINY = 5e-324  # the smallest denormal double
+EDGES_T = [TINY, 1e-300, 1e-45, 1e-30, 1e-6, 0.5, 1.0, 2.0, 100.0, 1e30, 1e300, sys.float_info.max]
+EDGES_P = [TINY, 1e-300, 1e-45, 1e-8, 0.5, 0.95, 1.0 - 1e-16, 1.0]
+EDGES_K = [0, 1, 2, 50, VOCAB - 1, VOCAB, VOCAB + 1, 2**62]
+EDGES_U = [0.0, 0.5, 1.0 - 2**-53]
+
+
+def logits_batch(rows: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, VOCAB, generator=g) * 4
+    x[0, 7] = 1e4  # a row with one dominant token
+    if rows > 1:
+        x[1] = 0.0  # a flat row: every token ties
+    return x
+
+
+@pytest.mark.parametrize("temperature", EDGES_T)
+@pytest.mark.parametrize("top_p", EDGES_P)
+def test_any_temperature_and_top_p_give_valid_tokens(temperature, top_p):
+    x = logits_batch(4)
+    for u in EDGES_U:
+        ids = sample(x, [temperature] * 4, [0] * 4, [top_p] * 4, [u] * 4)
+        assert ids.shape == (4,) and ids.dtype == torch.long
+        assert bool(((ids >= 0) & (ids < VOCAB)).all())
+        if u == 0.5 and temperature <= 100:  # the dominant token, unless the temperature flattens it
+            assert int(ids[0]) == 7
+
+
+@pytest.mark.parametrize("top_k", EDGES_K)
+@pytest.mark.parametrize("temperature", [TINY, 1.0, sys.float_info.max])
+def test_any_top_k_gives_valid_tokens(top_k, temperature):
+    x = logits_batch(3)
+    for u in EDGES_U:
+        ids = sample(x, [temperature] * 3, [top_k] * 3, [1.0] * 3, [u] * 3)
+        assert bool(((ids >= 0) & (ids < VOCAB)).all())
+
+
+def test_tiny_top_p_and_top_k_1_and_tiny_temperature_are_greedy():
+    x = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(1))
+    greedy = x.argmax(-1)
+    for u in (0.0, 0.3, 0.999999):
+        assert torch.equal(sample(x, [1.0] * 6, [0] * 6, [1e-300] * 6, [u] * 6), greedy)
+        assert torch.equal(sample(x, [1.0] * 6, [1] * 6, [1.0] * 6, [u] * 6), greedy)
+        assert torch.equal(sample(x, [TINY] * 6, [0] * 6, [1.0] * 6, [u] * 6), greedy)
+
+
+def test_filters_keep_only_allowed_tokens():
+    x = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(2))
+    top5 = set(x[0].topk(5).indices.tolist())
+    probs = torch.softmax(x[0], -1)
+    order = probs.argsort(descending=True)
+    nucleus_size = int((probs[order].cumsum(0) < 0.5).sum()) + 1
+    nucleus = set(order[:nucleus_size].tolist())
+    picks_k, picks_p = set(), set()
+    for i in range(400):
+        u = uniform(row_key(9), i)
+        picks_k.add(int(sample(x, [3.0], [5], [1.0], [u])[0]))
+        picks_p.add(int(sample(x, [1.0], [0], [0.5], [u])[0]))
+    assert picks_k == top5  # all five reachable at a high temperature, nothing else
+    assert picks_p <= nucleus and len(picks_p) > 1
+
+
+def test_sampling_follows_the_distribution():
+    x = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [0.0] * 5]))  # -inf for the last five
+    counts = torch.zeros(8)
+    for i in range(4000):
+        counts[int(sample(x, [1.0], [0], [1.0], [uniform(row_key(3), i)])[0])] += 1
+    freq = counts / counts.sum()
+    assert torch.allclose(freq[:3], torch.tensor([0.5, 0.3, 0.2]), atol=0.03) and freq[3:].sum() == 0
+
+
+def test_draws_depend_on_seed_and_step_only():
+    assert uniform(row_key(5), 3) == uniform(row_key(5), 3)
+    draws = [uniform(row_key(s), t) for s in (-(2**63), -1, 0, 1, 2**64 - 2) for t in range(50)]
+    assert len(set(draws)) == len(draws) and all(0.0 <= d < 1.0 for d in draws)
+    x = logits_batch(5, seed=4)
+    u = [uniform(row_key(s), 0) for s in range(5)]
+    temps, ks, ps = [0.7, 1.0, 1.3, 0.2, 2.0], [0, 40, 0, 5, 0], [0.9, 1.0, 0.95, 1.0, 0.5]
+    together = sample(x, temps, ks, ps, u)
+    alone = [int(sample(x[i:i + 1], temps[i:i + 1], ks[i:i + 1], ps[i:i + 1], u[i:i + 1])[0]) for i in range(5)]
+    assert together.tolist() == alone  # a row's token does not depend on its batch-mates
