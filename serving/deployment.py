@@ -142,7 +142,7 @@ def _merge(deltas: list[Optional[Delta]]) -> Delta:
     last = present[-1]
     if len(present) == 1:
         return last
-    return replace(last, text="".join(d.text for d in present))
+    return replace(last, text="".join(d.text for d in present), logprobs=[e for d in present for e in d.logprobs])
 
 
 async def _drain(steps: AsyncIterator[Any]) -> None:

@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.batch_state import BatchState
 from serving.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
-from serving.params import Completion, Delta, GenerationError, SamplingParams
+from serving.logprobs import apply_penalties, prompt_logprobs, step_logprobs
+from serving.params import Completion, Delta, GenerationError, SamplingParams, TokenLogprob
 from serving.sampling import row_key, sample, uniform
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class _Row:
     cancel: Optional[threading.Event] = None  # set when the client went away: the row leaves
     fault: bool = False  # test-only: sampling this row raises (see TEST_FAULT_ENV)
     error: Optional[str] = None  # why this row failed
+    lp: list[TokenLogprob] = field(default_factory=list)  # one per completion token, if asked
+    lp_sent: int = 0  # entries of lp already handed out
+    prompt_lp: Optional[list[TokenLogprob]] = None  # the prompt's tokens scored (echo), if asked
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -110,6 +114,8 @@ class Engine:
         # A completion ends at end-of-text or any FIM sentinel (<fim_pad> ends a middle), and
         # never contains one.
         self.sentinel_ids = {i for i in (vocab.get(t) for t in SENTINELS) if i is not None}
+        self.vocab_size: int = len(self.tokenizer)
+        self._pieces: dict[int, str] = {}
         cfg = self.model.config
         self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
@@ -161,6 +167,8 @@ class Engine:
             rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
                              incremental=inc, cancel=stop,
                              fault=bool(self._fault_marker and isinstance(prompt, str) and self._fault_marker in prompt)))
+            if p.prompt_logprobs is not None:
+                rows[-1].prompt_lp = prompt_logprobs(self.model, ids, p.prompt_logprobs, self.piece)
             encoded.append(ids)
         return rows, encoded
 
@@ -205,12 +213,18 @@ class Engine:
                     self._fail(row, e)
                     next_ids.append(self.pad_token_id)
         deltas: list[Optional[Delta]] = []
-        for row, token in zip(rows, next_ids):
+        try:
+            entries = step_logprobs(logits, [r.params for r in rows], next_ids, self.piece)
+        except Exception:  # only rows that asked for logprobs can fail here; they fail below
+            entries = [None] * len(rows)
+        for row, token, entry in zip(rows, next_ids, entries):
             if row.done:  # failed while sampling
                 deltas.append(self._failure(row))
                 continue
             try:
-                deltas.append(self._advance(row, token))
+                if row.params.logprobs is not None and entry is None:
+                    raise RuntimeError("computing logprobs failed")
+                deltas.append(self._advance(row, token, entry))
             except Exception as e:
                 self._fail(row, e)
                 deltas.append(self._failure(row))
@@ -220,6 +234,7 @@ class Engine:
         """Next token per row: argmax for temperature 0, else seeded top-k / top-p sampling (sampling.py)."""
         if self._fault_marker and any(row.fault for row in rows):
             raise RuntimeError("injected test fault (" + TEST_FAULT_ENV + ")")
+        logits = apply_penalties(logits, [r.params for r in rows], [r.tokens for r in rows])
         choice = logits.argmax(dim=-1)
         sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
         if not sampled:
@@ -241,7 +256,7 @@ class Engine:
     def _failure(row: _Row) -> Delta:
         return Delta("", True, "error", row.prompt_tokens, row.generated, row.truncated, error=row.error)
 
-    def _advance(self, row: _Row, token: int) -> Optional[Delta]:
+    def _advance(self, row: _Row, token: int, entry: Optional[TokenLogprob] = None) -> Optional[Delta]:
         """Append a token to a row; return the text it may release now, and the verdict if done."""
         p = row.params
         reason: Optional[str] = None
@@ -250,6 +265,8 @@ class Engine:
             reason = "eos"  # end-of-text / a FIM sentinel is not part of the completion
         else:
             row.tokens.append(token)
+            if entry is not None:
+                row.lp.append(entry)
         if not (row.incremental or p.stop or reason or row.generated >= p.max_new_tokens):
             return None  # nothing to show or check yet: skip decoding
         text = self._decode(row.tokens)
@@ -264,7 +281,9 @@ class Engine:
         if reason is not None:
             row.done = True
             new, row.emitted = text[row.emitted:], len(text)
-            return Delta(new, True, reason, row.prompt_tokens, row.generated, row.truncated)
+            return Delta(new, True, reason, row.prompt_tokens, row.generated, row.truncated,
+                         logprobs=self._release(row, len(text), everything=reason != "stop"),
+                         prompt_logprobs=row.prompt_lp)
         # Hold back what may still change: a half-decoded UTF-8 character, or a tail that
         # could be the start of a stop string (the client must never see a stop string).
         safe = len(text)
@@ -279,26 +298,49 @@ class Engine:
         if safe <= row.emitted:
             return None
         new, row.emitted = text[row.emitted:safe], safe
-        return Delta(new)
+        return Delta(new, logprobs=self._release(row, safe))
+
+    def _release(self, row: _Row, upto: int, everything: bool = False) -> list[TokenLogprob]:
+        """The logprob entries of the tokens whose text starts before character `upto` of the
+        completion (all of them when the row ended other than by a stop string)."""
+        if not row.lp:
+            return []
+        end = len(row.lp)
+        if not everything:
+            end = row.lp_sent
+            while end < len(row.lp) and len(self._decode(row.tokens[:end])) < upto:
+                end += 1
+        out, row.lp_sent = row.lp[row.lp_sent:end], max(row.lp_sent, end)
+        return out
+
+    def piece(self, token: int) -> str:
+        """A token's text on its own (cached: logprobs name every alternative by its text)."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self._decode([token])
+        return text
 
     # ---- conveniences ----------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Completion]:
         """Run a batch to the end and collect each request's completion."""
         texts = [""] * len(prompts)
+        lps: list[list[TokenLogprob]] = [[] for _ in prompts]
         final: list[Optional[Delta]] = [None] * len(prompts)
         for step in self.stream_batch(prompts, params, incremental=[False] * len(prompts)):
             for i, d in enumerate(step):
                 if d is not None:
                     texts[i] += d.text
+                    lps[i] += d.logprobs
                     if d.finished:
                         final[i] = d
         out = []
-        for t, d in zip(texts, final):
+        for t, d, lp in zip(texts, final, lps):
             assert d is not None
             if d.error:
                 raise GenerationError(d.error)
-            out.append(Completion(t, d.finish_reason or "length", d.prompt_tokens, d.completion_tokens, d.truncated))
+            out.append(Completion(t, d.finish_reason or "length", d.prompt_tokens, d.completion_tokens, d.truncated,
+                                  logprobs=lp, prompt_logprobs=d.prompt_logprobs))
         return out
 
     def complete(self, prompt: str, **kw) -> Completion:
