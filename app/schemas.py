@@ -19,6 +19,8 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_PROMPTS = 16  # OpenAI `prompt` as a list
 MAX_N = 8
+MAX_LOGPROBS = 5  # OpenAI's limit for the legacy API
+MAX_STOP_TOTAL_CHARS = 16_000  # /v1/completions takes stop lists of any length; this bounds the work
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 FinishReason = Literal["length", "stop", "eos"]
@@ -48,6 +50,7 @@ class CompleteRequest(_Strict):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
+    suffix: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS)  # fill in the middle (FIM models)
 
     _stop = field_validator("stop")(_check_stop)
 
@@ -71,80 +74,93 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(_Strict):
-    """POST /v1/completions: the fields of OpenAI's legacy completions API.
+Prompt = Union[str, list[str], list[int], list[list[int]]]
 
-    Fields we cannot honour (logprobs, echo, penalties, ...) are accepted only at their
-    neutral value, so a client that always sends them works, and one that relies on them
-    gets a 400 naming the field instead of silently different behaviour.
+
+class CompletionRequest(_Strict):
+    """POST /v1/completions: OpenAI's legacy completions API, as vLLM implements it.
+
+    `prompt` is a string, a list of strings, a list of token ids or a list of such lists (a
+    choice per prompt and sample, in order). `suffix` fills in the middle (FIM models only).
+    `logit_bias` is accepted only at its neutral value (a 400 naming it otherwise).
     """
 
     model: str = Field(min_length=1)
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    prompt: Prompt
+    suffix: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS)
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scores the prompt)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=MAX_N)
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
     stop: Union[None, str, list[str]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    user: Optional[str] = None
-    # Neutral-only fields.
-    echo: Optional[bool] = None
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    user: Optional[str] = None  # accepted and ignored
     logit_bias: Optional[dict[str, float]] = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
-        prompts = [v] if isinstance(v, str) else v
+    def _prompt(cls, v: Prompt) -> Prompt:
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            prompts = [v]
+        else:
+            prompts = v
         if not prompts:
             raise ValueError("prompt list must not be empty")
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         for p in prompts:
             if not p:
-                raise ValueError("prompt must be a non-empty string")
+                raise ValueError("each prompt must be a non-empty string or a non-empty list of token ids")
             if len(p) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters")
+                raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (or token ids)")
         return v
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Union[None, str, list[str]]) -> Union[None, str, list[str]]:
         stops = [] if v is None else [v] if isinstance(v, str) else v
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
         _check_stop(stops)
+        if sum(len(s) for s in stops) > MAX_STOP_TOTAL_CHARS:
+            raise ValueError(f"stop strings must total at most {MAX_STOP_TOTAL_CHARS} characters")
         return v
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt: its text or its token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
     def unsupported(self) -> Optional[str]:
         """The first field set to a value this server cannot honour, if any."""
-        neutral = {"echo": (None, False), "logprobs": (None, 0), "best_of": (None, 1), "suffix": (None, ""),
-                   "frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0), "logit_bias": (None, {})}
-        for name, ok in neutral.items():
-            if getattr(self, name) not in ok:
-                return name
-        return None
+        return "logit_bias" if self.logit_bias else None
+
+
+class Logprobs(BaseModel):
+    """OpenAI's legacy logprobs object: per token its text, logprob, alternatives and offset
+    in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[Literal["stop", "length"]]
-    logprobs: None = None
+    logprobs: Optional[Logprobs] = None
 
 
 class CompletionUsage(BaseModel):
@@ -186,3 +202,26 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ---- POST /tokenize, /detokenize (vLLM's shapes) --------------------------------------
+
+class TokenizeRequest(_Strict):
+    model: Optional[str] = None
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    add_special_tokens: bool = True  # accepted; this tokenizer adds none
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Strict):
+    model: Optional[str] = None
+    tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

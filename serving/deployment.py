@@ -58,6 +58,9 @@ class Completer:
         self.engine.warmup()
         self.model_name = self.engine.model_name
         self.context_length = self.engine.context_length
+        self.vocab_size = self.engine.vocab_size
+        self.can_infill = self.engine.fim is not None  # fim.json: the app serves `suffix`
+        self.tokenize, self.detokenize = self.engine.tokenize, self.engine.detokenize
         self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
         self._batch.set_max_batch_size(min(ADMIT_GROUP, max_batch_size))
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -80,7 +83,7 @@ class Completer:
         if not self.ready():
             raise RuntimeError("model not loaded")
 
-    async def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: Any, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
         # Set when this request ends early (client gone: Serve cancels the request, or the
         # streaming response is closed): the decode loop drops the row before its next step.
         cancel = threading.Event()

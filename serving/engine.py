@@ -313,6 +313,12 @@ class Engine:
         out, row.lp_sent = row.lp[row.lp_sent:end], max(row.lp_sent, end)
         return out
 
+    def tokenize(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._decode(list(ids))
+
     def piece(self, token: int) -> str:
         """A token's text on its own (cached: logprobs name every alternative by its text)."""
         text = self._pieces.get(token)
