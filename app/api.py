@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import bearer_dependency
 from app.errors import APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
-from app.schemas import CompleteRequest, CompleteResponse, ModelCard, ModelList, Usage
+from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, ErrorResponse, Health, ModelCard,
+                         ModelList, Usage)
 from serving.fim import Infill
 from serving.params import Delta, GenerationError, SamplingParams
 
@@ -78,20 +79,46 @@ def check_new_tokens(n: int, context: int, field: str) -> None:
                             f"{context} tokens and the prompt keeps at least one)", field)
 
 
+ERROR_MEANINGS = {
+    400: "The body is missing or is not valid JSON.",
+    401: "Missing or wrong `Authorization: Bearer <key>` (only when the server has COMPLETE_API_KEY).",
+    404: "No such model: `model` must be the one GET /v1/models lists.",
+    413: "The body is larger than the server accepts.",
+    415: "The body was not sent as `Content-Type: application/json`.",
+    422: "A field is missing, unknown, of the wrong type or out of range; `error.field` names it.",
+    500: "Generation failed for this request (alone); `error.request_id` is in the server's log.",
+    503: "The model is not loaded yet.",
+}
+# One server-sent event (OpenAPI 3.1 has no per-event `itemSchema`; tools read `schema` as
+# that): `data` is a JSON object, or "[DONE]" last.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+SSE_200 = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                 "description": "The completion; with `stream: true`, server-sent events instead of JSON."}}
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` for these error statuses, all with the one error body."""
+    return {c: {"model": ErrorResponse, "description": ERROR_MEANINGS[c]} for c in codes}
+
+
 def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     app = FastAPI(title="codecomplete", description="Code completion with a GPT-2 trained from scratch.",
                   version="0.1.0")
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     auth = [Depends(bearer_dependency(api_key))]
+    denied = (401,) if api_key else ()
+    body_errors = (400, *denied, 413, 415, 422, 500)
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
+    @app.get("/health", response_model=Health, responses=errors(503))
+    async def health():
         if not backend.ready():
             return JSONResponse(error_body(503, "model not loaded"), status_code=503)
-        return JSONResponse({"status": "ok", "model": backend.model_name})
+        return Health(status="ok", model=backend.model_name)
 
-    @app.post("/complete", dependencies=auth, response_model=CompleteResponse)
+    @app.post("/complete", dependencies=auth, response_model=CompleteResponse,
+              responses={**SSE_200, **errors(*body_errors)})
     async def complete(req: CompleteRequest):
         check_new_tokens(req.max_new_tokens, backend.context_length, "max_new_tokens")
         params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
@@ -112,15 +139,38 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
                                             completion_tokens=final.completion_tokens),
                                 model=backend.model_name)
 
-    @app.get("/v1/models", dependencies=auth, response_model=ModelList)
+    @app.get("/v1/models", dependencies=auth, response_model=ModelList, responses=errors(*denied))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=backend.model_name, created=CREATED,
                                          max_model_len=backend.context_length)])
 
     from app import openai_completions
 
-    openai_completions.register(app, backend, auth)  # /v1/completions, /tokenize, /detokenize
+    # /v1/completions, /tokenize, /detokenize
+    openai_completions.register(app, backend, auth, responses={**SSE_200, **errors(*body_errors, 404)})
+
+    app.openapi = lambda: model_limits_in_schema(app, backend)
     return app
+
+
+def model_limits_in_schema(app: FastAPI, backend: Backend) -> dict:
+    """The schema with the limits that come from the loaded model, so it says what the
+    routes enforce: max_new_tokens / max_tokens <= context - 1, and the one model name.
+
+    Request bodies are taken from pydantic directly: FastAPI's OpenAPI model stores bounds
+    as floats, which would turn the seed's 2**64 - 1 into 1.8446744073709552e19."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        comps = schema["components"]["schemas"]
+        for model, field, extra in ((CompleteRequest, "max_new_tokens", {}),
+                                    (CompletionRequest, "max_tokens", {"model": {"enum": [backend.model_name]}})):
+            own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            own.pop("$defs", None)
+            own["properties"][field]["maximum"] = backend.context_length - 1
+            for name, more in extra.items():
+                own["properties"][name].update(more)
+            comps[model.__name__] = own
+    return app.openapi_schema
 
 
 CREATED = int(time.time())

@@ -10,7 +10,8 @@ import hmac
 import os
 from typing import Optional
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
 
 from app.errors import APIError
 
@@ -24,11 +25,16 @@ def api_key_from_env() -> Optional[str]:
 
 def bearer_dependency(api_key: Optional[str]):
     """A FastAPI dependency that checks `Authorization: Bearer <key>` (no-op without a key)."""
-    expected = api_key.encode() if api_key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
+    if not api_key:
+        async def open_route() -> None:
             return
+
+        return open_route
+    expected = api_key.encode()
+
+    # HTTPBearer(auto_error=False) only declares the scheme in the OpenAPI schema (so clients
+    # and fuzzers know to send the key); the check below does the work, with our 401 body.
+    async def check(request: Request, _: object = Depends(HTTPBearer(auto_error=False))) -> None:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         # compare_digest: the time taken must not reveal how much of the key matched.

@@ -48,9 +48,6 @@ def _or(value: Any, default: Any) -> Any:
 def plan(req: CompletionRequest, backend: Any) -> list[Job]:
     """The jobs of a request, in choice order (before best_of ranking); 4xx naming the field
     for what cannot be served."""
-    bad = req.unsupported()
-    if bad:
-        raise APIError(400, f"{bad}: not supported by this server (send null or leave it out)", bad)
     echo, max_tokens = bool(req.echo), _or(req.max_tokens, 16)
     best_of = _or(req.best_of, req.n)
     if best_of < req.n:
@@ -117,11 +114,10 @@ def openai_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"  # OpenAI folds eos into "stop"
 
 
-def register(app: FastAPI, backend: Any, auth: list) -> None:
+def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] = None) -> None:
     from app.api import collect
 
-    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
-              response_model_exclude_none=False)
+    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse, responses=responses)
     async def completions(req: CompletionRequest):
         if req.model != backend.model_name:
             raise APIError(404, f"model '{req.model}' does not exist; this server serves "

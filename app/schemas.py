@@ -3,15 +3,20 @@
 Strict on purpose: unknown fields are rejected (a typo like `max_token` must not be silently
 ignored), types are not coerced ("5" is not 5, true is not 1), and every number has its
 range here, so a bad request is a 4xx that names the field, never a 5xx deep in the engine.
-The one limit that depends on the loaded model (max_new_tokens <= context - 1) is checked by
-the routes, which know the model.
+Every constraint is a JSON-schema constraint (no custom validators), so the OpenAPI schema
+states exactly what validation enforces. The limits that depend on the loaded model
+(max_new_tokens <= context - 1, the model's name) are checked by the routes, which know the
+model, and written into the served schema by app/api.py.
+
+An empty prompt is allowed: generation then starts from the start-of-text token, as
+OpenAI's API does (an editor at the top of an empty file).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 32_000  # prompts are cut to the context anyway; this bounds tokenizer work
 MAX_BODY_BYTES = 1_000_000  # enforced before JSON parsing (app/errors.py)
@@ -20,39 +25,59 @@ MAX_STOP_CHARS = 64
 MAX_PROMPTS = 16  # OpenAI `prompt` as a list
 MAX_N = 8
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy API
-MAX_STOP_TOTAL_CHARS = 16_000  # /v1/completions takes stop lists of any length; this bounds the work
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 FinishReason = Literal["length", "stop", "eos"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: Python's JSON parser accepts NaN and Infinity, JSON does not.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """JSON Schema's `integer` includes 8.0 (JSON has one number type): take it as 8 for
+        integer fields. Anything else (8.5, "8", true) still fails strict validation."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, v in data.items():
+            f = cls.model_fields.get(name)
+            if f is not None and isinstance(v, float) and v.is_integer() and _is_int(f.annotation):
+                out[name] = int(v)
+        return out
 
 
-def _check_stop(stop: list[str]) -> list[str]:
-    for s in stop:
-        if not s:
-            raise ValueError("stop strings must be non-empty")
-        if len(s) > MAX_STOP_CHARS:
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
-    return stop
+def _is_int(annotation: Any) -> bool:
+    return annotation is int or (int in get_args(annotation) and float not in get_args(annotation))
+
+
+def _only_bool(v: object) -> object:
+    """Literal[False] would accept 0 (0 == False in Python); JSON's false is a boolean."""
+    if v is not None and not isinstance(v, bool):
+        raise ValueError("Input should be a valid boolean")
+    return v
+
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+# A prompt as token ids (the legacy API): ids below the vocabulary size, checked by the route.
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 class CompleteRequest(_Strict):
     """POST /complete (field names follow HF text-generation-inference's `parameters`)."""
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
-    suffix: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS)  # fill in the middle (FIM models)
-
-    _stop = field_validator("stop")(_check_stop)
+    suffix: Optional[Prompt] = None  # fill in the middle (a model trained with FIM; 400 otherwise)
 
 
 class Usage(BaseModel):
@@ -74,81 +99,52 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
-
-
 class CompletionRequest(_Strict):
-    """POST /v1/completions: OpenAI's legacy completions API, as vLLM implements it.
+    """POST /v1/completions: OpenAI's legacy completions API, as vLLM implements it
+    (app/openai_completions.py serves it).
 
-    `prompt` is a string, a list of strings, a list of token ids or a list of such lists (a
-    choice per prompt and sample, in order). `suffix` fills in the middle (FIM models only).
-    `logit_bias` is accepted only at its neutral value (a 400 naming it otherwise).
+    `prompt`: a string, a list of strings, a list of token ids or a list of such lists (a
+    choice per prompt and sample, in order). `suffix` fills in the middle (FIM-trained models
+    only; a 400 naming it otherwise). `stop`: any number of strings. `user` is accepted and
+    ignored. `logit_bias` is accepted only at its neutral value (the schema says so), so a
+    client that relies on it gets a 422 naming the field instead of silently different output.
     """
 
     model: str = Field(min_length=1)
-    prompt: Prompt
-    suffix: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS)
+    prompt: Union[Prompt, TokenIds, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    suffix: Optional[Prompt] = None
     max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scores the prompt)
     temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=MAX_N)
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
-    stop: Union[None, str, list[str]] = None
+    stop: Union[None, StopString, list[StopString]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    echo: Optional[bool] = False
+    echo: Optional[bool] = None
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    user: Optional[str] = None  # accepted and ignored
-    logit_bias: Optional[dict[str, float]] = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Prompt) -> Prompt:
-        if isinstance(v, str) or (v and isinstance(v[0], int)):
-            prompts = [v]
-        else:
-            prompts = v
-        if not prompts:
-            raise ValueError("prompt list must not be empty")
-        if len(prompts) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-        for p in prompts:
-            if not p:
-                raise ValueError("each prompt must be a non-empty string or a non-empty list of token ids")
-            if len(p) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt must be at most {MAX_PROMPT_CHARS} characters (or token ids)")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Union[None, str, list[str]]) -> Union[None, str, list[str]]:
-        stops = [] if v is None else [v] if isinstance(v, str) else v
-        _check_stop(stops)
-        if sum(len(s) for s in stops) > MAX_STOP_TOTAL_CHARS:
-            raise ValueError(f"stop strings must total at most {MAX_STOP_TOTAL_CHARS} characters")
-        return v
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    user: Optional[str] = None
+    # Neutral-only.
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """One entry per prompt: its text or its token ids."""
-        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]  # type: ignore[list-item]
         return list(self.prompt)  # type: ignore[arg-type]
 
-    def unsupported(self) -> Optional[str]:
-        """The first field set to a value this server cannot honour, if any."""
-        return "logit_bias" if self.logit_bias else None
-
 
 class Logprobs(BaseModel):
-    """OpenAI's legacy logprobs object: per token its text, logprob, alternatives and offset
-    in the choice's text."""
+    """OpenAI's legacy logprobs object: per token its text, logprob, alternatives (the
+    `logprobs` most likely, plus the token itself) and offset in the choice's text."""
 
     tokens: list[str]
     token_logprobs: list[Optional[float]]
@@ -191,6 +187,11 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -208,7 +209,7 @@ class ErrorResponse(BaseModel):
 
 class TokenizeRequest(_Strict):
     model: Optional[str] = None
-    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: Prompt
     add_special_tokens: bool = True  # accepted; this tokenizer adds none
 
 
@@ -220,7 +221,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Strict):
     model: Optional[str] = None
-    tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class DetokenizeResponse(BaseModel):

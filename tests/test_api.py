@@ -80,13 +80,13 @@ def test_openai_stream_with_usage(client, engine):
     ("/complete", {"content": b'{"prompt": "x"}', "headers": {"content-type": "text/plain"}}, 415, "body"),
     ("/complete", {"json": ["prompt"]}, 422, "body"),
     ("/complete", {"content": b"", "headers": {"content-type": "application/json"}}, 400, "body"),
-    ("/complete", {"json": {"prompt": ""}}, 422, "prompt"),
+    ("/complete", {"json": {"prompt": "x", "stop": [""]}}, 422, "stop"),
     ("/complete", {"json": {"prompt": "x", "max_new_tokens": 128}}, 422, "max_new_tokens"),
     ("/complete", {"json": {"prompt": "x", "temperature": "warm"}}, 422, "temperature"),
     ("/complete", {"json": {"prompt": "x", "bogus": 1}}, 422, "bogus"),
     ("/complete", {"json": {"prompt": "x" * (MAX_BODY_BYTES + 1)}}, 413, "body"),
     ("/v1/completions", {"json": {"model": "other", "prompt": "x"}}, 404, "model"),
-    ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "logit_bias": {"1": 1.0}}}, 400, "logit_bias"),
+    ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "logit_bias": {"1": 1.0}}}, 422, "logit_bias"),
     ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "max_tokens": 500}}, 422, "max_tokens"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(client, engine, path, kwargs, status, field):
@@ -123,3 +123,26 @@ def test_auth_on_guards_all_but_health(engine):
     ok = {"Authorization": "Bearer s3cret"}
     assert c.post("/complete", json={"prompt": "x", "max_new_tokens": 1}, headers=ok).status_code == 200
     assert c.get("/v1/models", headers=ok).status_code == 200
+
+
+def test_openapi_documents_statuses_and_model_limits(client, engine):
+    schema = client.get("/openapi.json").json()
+    ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
+    assert set(ops["POST", "/complete"]["responses"]) == {"200", "400", "413", "415", "422", "500"}
+    assert set(ops["POST", "/v1/completions"]["responses"]) == {"200", "400", "404", "413", "415", "422", "500"}
+    assert set(ops["GET", "/health"]["responses"]) == {"200", "503"}
+    err = ops["POST", "/complete"]["responses"]["422"]["content"]["application/json"]["schema"]
+    assert err == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "text/event-stream" in ops["POST", "/complete"]["responses"]["200"]["content"]
+    req = schema["components"]["schemas"]
+    assert req["CompleteRequest"]["properties"]["max_new_tokens"]["maximum"] == engine.context_length - 1
+    assert req["CompletionRequest"]["properties"]["model"]["enum"] == [engine.model_name]
+    assert "security" not in ops["POST", "/complete"]  # auth off: nothing to send
+    secured = TestClient(build_app(LocalBackend(engine), api_key="k")).get("/openapi.json").json()
+    assert "401" in secured["paths"]["/complete"]["post"]["responses"]
+    assert secured["components"]["securitySchemes"] == {"HTTPBearer": {"type": "http", "scheme": "bearer"}}
+
+
+def test_empty_prompt_completes(client):
+    r = client.post("/complete", json={"prompt": "", "max_new_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

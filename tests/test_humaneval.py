@@ -113,8 +113,8 @@ def served(tiny_checkpoint):
 @pytest.mark.timeout(900)  # includes building tiny_checkpoint when first
 def test_endpoint_client_gets_n_samples_per_problem(served):
     problems = load_problems(limit=2)
-    params = SamplingParams(n=3, temperature=0.8, max_new_tokens=16, seed=3)
-    completions = generate_with_endpoint(served + "/v1/completions", prompts_of(problems), params,
+    params = SamplingParams(temperature=0.8, max_new_tokens=16, seed=3)
+    completions = generate_with_endpoint(served + "/v1/completions", prompts_of(problems), params, n=3,
                                          api_key="k3y", n_per_request=2)  # 2 + 1 per problem
     assert [len(completions[p["task_id"]]) for p in problems] == [3, 3]
     assert all(isinstance(c, str) for v in completions.values() for c in v)

@@ -166,7 +166,7 @@ def test_tokenize_and_detokenize_with_the_models_tokenizer(client, engine):
 
 @pytest.mark.parametrize("body,status,field", [
     ({"prompt": [1, 2, 10**6]}, 400, "prompt"),
-    ({"prompt": [[1, 2], [-1]]}, 400, "prompt"),
+    ({"prompt": [[1, 2], [-1]]}, 422, "prompt"),
     ({"prompt": []}, 422, "prompt"),
     ({"prompt": [[]]}, 422, "prompt"),
     ({"prompt": "x", "logprobs": 6}, 422, "logprobs"),
@@ -175,7 +175,7 @@ def test_tokenize_and_detokenize_with_the_models_tokenizer(client, engine):
     ({"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
     ({"prompt": "x", "presence_penalty": 3}, 422, "presence_penalty"),
-    ({"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, 422, "logit_bias"),
 ])
 def test_bad_requests_name_the_field(client, engine, body, status, field):
     r = post(client, engine, **body)

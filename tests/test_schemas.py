@@ -21,12 +21,11 @@ def test_defaults():
 
 @pytest.mark.parametrize("body, field", [
     ({}, "prompt"),
-    ({"prompt": ""}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
     ({"prompt": "x", "max_new_tokens": 0}, "max_new_tokens"),
     ({"prompt": "x", "max_new_tokens": "8"}, "max_new_tokens"),  # no string -> int coercion
-    ({"prompt": "x", "max_new_tokens": 8.0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 8.5}, "max_new_tokens"),
     ({"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),
     ({"prompt": "x", "temperature": -0.1}, "temperature"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
@@ -54,14 +53,20 @@ def test_complete_request_accepts_int_for_float():
 @pytest.mark.parametrize("body, field", [
     ({"prompt": "x"}, "model"),
     ({"model": "m", "prompt": []}, "prompt"),
-    ({"model": "m", "prompt": ["a", ""]}, "prompt"),
+    ({"model": "m", "prompt": ["a", "x" * (MAX_PROMPT_CHARS + 1)]}, "prompt"),
+    ({"model": "m", "prompt": "x", "stop": ""}, "stop"),
     ({"model": "m", "prompt": [1, "a"]}, "prompt"),  # token ids and text do not mix
     ({"model": "m", "prompt": [[1], []]}, "prompt"),
+    ({"model": "m", "prompt": [-1]}, "prompt"),
+    ({"model": "m", "prompt": "x", "echo": 0}, "echo"),  # 0 == False in Python, not in JSON
+    ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    # The one field this server cannot honour: only its neutral value, as the schema says.
+    ({"model": "m", "prompt": "x", "logit_bias": {"1": 2.0}}, "logit_bias"),
     ({"model": "m", "prompt": "x", "n": 0}, "n"),
     ({"model": "m", "prompt": "x", "n": 99}, "n"),
     ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
     ({"model": "m", "prompt": "x", "stop": ["1", ""]}, "stop"),
-    ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
     ({"model": "m", "prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
     ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
     ({"model": "m", "prompt": "x", "functions": []}, "functions"),
@@ -75,10 +80,19 @@ def test_completion_request_rejects(body, field):
 def test_openai_neutral_fields():
     ok = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "stop": "\n", "echo": False,
                                            "logprobs": None, "frequency_penalty": 0, "user": "u"})
-    assert ok.unsupported() is None and ok.stops() == ["\n"] and ok.prompts() == ["a", "b"]
-    # The legacy API in full (app/openai_completions.py); only logit_bias is neutral-only.
+    assert ok.stops() == ["\n"] and ok.prompts() == ["a", "b"]
+    # The legacy API in full (app/openai_completions.py).
     full = CompletionRequest(model="m", prompt=[[1, 2], [3]], echo=True, logprobs=3, presence_penalty=0.5,
                              stop=[str(i) for i in range(40)], suffix="x", best_of=2)
-    assert full.unsupported() is None and full.prompts() == [[1, 2], [3]] and len(full.stops()) == 40
+    assert full.prompts() == [[1, 2], [3]] and len(full.stops()) == 40
     assert CompletionRequest(model="m", prompt=[5, 6]).prompts() == [[5, 6]]
-    assert CompletionRequest(model="m", prompt="x", logit_bias={"1": 2.0}).unsupported() == "logit_bias"
+
+
+def test_what_the_schema_allows_is_accepted():
+    """An empty prompt (generation starts from the start-of-text token) and integral floats
+    for integers (JSON Schema's `integer` includes 8.0) are valid, as the schema says."""
+    assert CompleteRequest.model_validate({"prompt": "", "max_new_tokens": 8.0}).max_new_tokens == 8
+    o = CompletionRequest.model_validate({"model": "m", "prompt": ["", "x"], "n": 2.0, "seed": 2**64 - 1})
+    assert (o.n, o.prompts()) == (2, ["", "x"])
+    schema = CompleteRequest.model_json_schema()["properties"]
+    assert "minLength" not in schema["prompt"] and schema["seed"]["anyOf"][0]["maximum"] == 2**64 - 1

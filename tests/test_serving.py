@@ -174,7 +174,7 @@ BAD = [  # (raw body or JSON, headers, status, field): one per class of bad requ
     (b"{oops", {"content-type": "application/json"}, 400, "body"),
     (b'{"prompt": "x"}', {"content-type": "text/plain"}, 415, "body"),
     ({"prompt": 3}, None, 422, "prompt"),
-    ({"prompt": ""}, None, 422, "prompt"),
+    ({"prompt": "x", "top_k": 1.5}, None, 422, "top_k"),
     ({"prompt": "x", "max_new_tokens": 0}, None, 422, "max_new_tokens"),
     ({"prompt": "x", "max_new_tokens": 128}, None, 422, "max_new_tokens"),
     ({"prompt": "x", "top_p": 2}, None, 422, "top_p"),

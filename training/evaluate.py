@@ -72,7 +72,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     he.add_argument("--exec-workers", type=int, help="samples executed in parallel (default: cores)")
     he.add_argument("--save-samples", action="store_true", help="keep every completion and outcome in the JSON")
     run = ap.add_argument_group("execution and output")
-    run.add_argument("--workers", type=int, default=1, help="Ray actors that load the model (each 1 CPU or 1 GPU)")
+    run.add_argument("--workers", type=int, default=1, help="Ray actors that load the serving engine (each 1 CPU)")
     run.add_argument("--batch-size", type=int, default=16, help="chunks / prompts per model call")
     run.add_argument("--report", help="write eval.json, report.md (and loss.png) to this folder")
     run.add_argument("--json", help="where to write the results JSON (default: REPORT/eval.json or ./eval.json)")
@@ -182,7 +182,7 @@ def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
 
     from training.eval.generation import (SamplingParams, generate_with_endpoint, generate_with_ray,
                                           prompts_of, served_model)
-    from training.eval.humaneval import load_problems, score
+    from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
     from training.eval.sandbox import Limits, network_namespace_available
 
     task_ids = [t.strip() for t in args.task_ids.split(",") if t.strip()] if args.task_ids else None
@@ -197,22 +197,22 @@ def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
     max_new = args.max_new_tokens or min(256, ctx // 2)
     if max_new >= ctx:
         raise EvalError(f"--max-new-tokens {max_new} must be below the model's context ({ctx})")
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=max_new, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
+                            seed=args.seed, stop=STOP_SEQUENCES)
     t0 = time.time()
     truncated = 0
     if checkpoint is not None:
-        completions, truncated = generate_with_ray(checkpoint, prompts_of(problems), params,
+        completions, truncated = generate_with_ray(checkpoint, prompts_of(problems), params, n=args.n,
                                                    workers=args.workers, batch_size=args.batch_size)
     else:
-        completions = generate_with_endpoint(args.endpoint, prompts_of(problems), params,
+        completions = generate_with_endpoint(args.endpoint, prompts_of(problems), params, n=args.n,
                                              model=args.model_name, api_key=api_key)
     gen_s = time.time() - t0
     t0 = time.time()
     result = score(problems, completions, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
                    workers=args.exec_workers)
     out = result.to_dict(with_samples=args.save_samples)
-    out.update({"sampling": dataclasses.asdict(params), "prompts_truncated": truncated,
+    out.update({"sampling": {"n": args.n, **dataclasses.asdict(params)}, "prompts_truncated": truncated,
                 "generation_s": round(gen_s, 2), "execution_s": round(time.time() - t0, 2),
                 "sandbox": {"timeout_s": args.timeout, "memory_mb": args.memory_mb,
                             "network_namespace": network_namespace_available()}})

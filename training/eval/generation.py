@@ -1,9 +1,12 @@
 """Sampling completions for benchmark prompts: from a checkpoint on Ray actors, or over HTTP.
 
-Checkpoint: one row per (problem, sample) in a Ray Dataset, `map_batches` over an actor pool;
-each actor loads the model once and runs batched, left-padded `generate` with sampling.
-Endpoint: plain HTTP POSTs to an OpenAI-compatible `/v1/completions` (the project's Ray Serve
-app or any other); the server does the batching and scaling.
+Both ways generate with the serving engine (serving/engine.py) and take the service's own
+request type, `serving.params.SamplingParams` (`n` samples per prompt is separate: it is
+not a property of one completion). Checkpoint: one row per (problem, sample) in a Ray
+Dataset, `map_batches` over an actor pool; each actor loads an Engine once and decodes
+batches with per-row seeds, exactly as a replica would. Endpoint: plain HTTP POSTs to an
+OpenAI-compatible `/v1/completions` (the project's Ray Serve app or any other); the server
+does the batching and scaling.
 
 Either way the raw text comes back and stop sequences are applied afterwards by the scorer
 (they are also passed to the generator, only to stop early and save compute).
@@ -16,77 +19,50 @@ import math
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from training.eval.humaneval import STOP_SEQUENCES
+from serving.params import SamplingParams
+
+__all__ = ["SamplingParams", "CheckpointGenerator", "generate_with_ray", "generate_with_endpoint",
+           "EndpointError", "served_model", "complete_http", "prompts_of"]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    """Samples per problem."""
-    temperature: float = 0.2
-    """0 means greedy (then all n samples are the same)."""
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    seed: int = 0
-    stop: tuple[str, ...] = STOP_SEQUENCES
+def sample_seed(params: SamplingParams, row: int) -> int:
+    """The seed of sample `row`: fixed by the run's seed, different for every sample."""
+    return (params.seed or 0) * 1_000_003 + row
 
 
 class CheckpointGenerator:
-    """A Ray Data actor: loads the checkpoint once, then completes batches of prompts."""
+    """A Ray Data actor: loads the serving Engine once, then completes batches of prompts.
 
-    def __init__(self, checkpoint: str, params: SamplingParams, device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForCausalLM
+    Prompts longer than the context keep their END (signature and docstring, next to where
+    the body starts), as the service does, and say so in `prompt_truncated`."""
 
-        from training.tokenizer import load_tokenizer
+    def __init__(self, checkpoint: str, params: SamplingParams, num_threads: int = 1):
+        from serving.engine import Engine
 
-        self.torch = torch
         self.params = params
-        self.tok = load_tokenizer(checkpoint)
-        self.tok.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
-        self.tok.model_max_length = 10**9  # long prompts are cut below, by us, from the left
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(device).eval()
-        self.device = device
-        ctx = int(self.model.config.n_positions)
-        # A 128-token model cannot see most HumanEval prompts whole: keep the prompt's END
-        # (signature and docstring close to where the body starts) and leave room for the body.
-        self.max_prompt_tokens = ctx - params.max_new_tokens
-        if self.max_prompt_tokens < 1:
+        self.engine = Engine(checkpoint, num_threads=num_threads)
+        if params.max_new_tokens >= self.engine.context_length:
             raise ValueError(f"max_new_tokens={params.max_new_tokens} leaves no room for the prompt "
-                             f"in the model's {ctx}-token context")
+                             f"in the model's {self.engine.context_length}-token context")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch, p = self.torch, self.params
-        encoded = [self.tok(str(t))["input_ids"] for t in batch["prompt"]]
-        truncated = np.array([len(ids) > self.max_prompt_tokens for ids in encoded])
-        encoded = [ids[-self.max_prompt_tokens:] for ids in encoded]
-        width = max(len(ids) for ids in encoded)
-        pad = self.tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded],
-                                 device=self.device)
-        # Seeded from the batch's first row, so a rerun with the same batching is identical.
-        torch.manual_seed(p.seed * 1_000_003 + int(batch["row"][0]))
-        sampling = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p) if p.temperature > 0 \
-            else dict(do_sample=False)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                      max_new_tokens=p.max_new_tokens, pad_token_id=pad,
-                                      stop_strings=list(p.stop), tokenizer=self.tok, **sampling)
-        texts = self.tok.batch_decode(out[:, width:], skip_special_tokens=True)
+        rows = [int(r) for r in batch["row"]]
+        params = [replace(self.params, seed=sample_seed(self.params, r)) for r in rows]
+        out = self.engine.generate([str(t) for t in batch["prompt"]], params)
         return {"row": batch["row"], "task_id": batch["task_id"],
-                "completion": np.array(texts, dtype=object), "prompt_truncated": truncated}
+                "completion": np.array([c.text for c in out], dtype=object),
+                "prompt_truncated": np.array([c.truncated for c in out])}
 
 
-def generate_with_ray(checkpoint: str | Path, prompts: dict[str, str], params: SamplingParams,
+def generate_with_ray(checkpoint: str | Path, prompts: dict[str, str], params: SamplingParams, n: int = 1,
                       workers: int = 1, batch_size: int = 8) -> tuple[dict[str, list[str]], int]:
-    """n completions per prompt from a checkpoint, on `workers` Ray actors.
+    """n completions per prompt from a checkpoint, on `workers` Ray actors (1 CPU each).
 
     Returns ({task_id: [completion, ...]}, number of prompts that were cut to fit the context).
     Needs Ray initialized (training.ray_utils.init_ray).
@@ -94,14 +70,11 @@ def generate_with_ray(checkpoint: str | Path, prompts: dict[str, str], params: S
     import ray
 
     rows = [{"row": i, "task_id": t, "prompt": prompt}
-            for i, (t, prompt) in enumerate((t, pr) for t, pr in prompts.items() for _ in range(params.n))]
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+            for i, (t, prompt) in enumerate((t, pr) for t, pr in prompts.items() for _ in range(n))]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * 4)))
     out = ds.map_batches(CheckpointGenerator, batch_size=batch_size,
-                         fn_constructor_kwargs={"checkpoint": str(checkpoint), "params": params,
-                                                "device": "cuda" if use_gpu else "cpu"},
-                         compute=ray.data.ActorPoolStrategy(size=workers),
-                         num_cpus=1, num_gpus=1 if use_gpu else 0).take_all()
+                         fn_constructor_kwargs={"checkpoint": str(checkpoint), "params": params},
+                         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1).take_all()
     out.sort(key=lambda r: r["row"])
     completions: dict[str, list[str]] = {t: [] for t in prompts}
     truncated = set()
@@ -173,7 +146,7 @@ def complete_http(endpoint: str, prompt: str, n: int, params: SamplingParams, se
     return [c.get("text", "") for c in choices]
 
 
-def generate_with_endpoint(endpoint: str, prompts: dict[str, str], params: SamplingParams,
+def generate_with_endpoint(endpoint: str, prompts: dict[str, str], params: SamplingParams, n: int = 1,
                            model: Optional[str] = None, api_key: Optional[str] = None,
                            concurrency: int = 4, n_per_request: int = N_PER_REQUEST,
                            suffixes: Optional[dict[str, str]] = None) -> dict[str, list[str]]:
@@ -185,8 +158,8 @@ def generate_with_endpoint(endpoint: str, prompts: dict[str, str], params: Sampl
     model = model or str(served_model(endpoint, api_key)["id"])
     jobs: list[tuple[str, int, int]] = []  # (task_id, n for this request, seed)
     for i, t in enumerate(prompts):
-        for j in range(math.ceil(params.n / n_per_request)):
-            jobs.append((t, min(n_per_request, params.n - j * n_per_request), params.seed + 1000 * i + j))
+        for j in range(math.ceil(n / n_per_request)):
+            jobs.append((t, min(n_per_request, n - j * n_per_request), (params.seed or 0) + 1000 * i + j))
 
     def run(job: tuple[str, int, int]) -> list[str]:
         t, n, seed = job
