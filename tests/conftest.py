@@ -7,10 +7,14 @@ GPT-2 trained for a few dozen steps with plain torch, saved as a Hugging Face fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+import time
 import sysconfig
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,6 +28,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_server(app) -> Iterator[str]:
+    """An ASGI app under a real uvicorn on 127.0.0.1 (a free port), in a thread; yields its URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def stdlib_files(n: int) -> list[Path]:

@@ -55,3 +55,26 @@ def test_cli_refuses_infilling_on_a_left_to_right_checkpoint_before_any_work(tin
     assert main(["--checkpoint", str(tiny_checkpoint), "--infilling", "single-line", "--limit", "1"]) == 2
     assert "without fill-in-the-middle" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_endpoint_with_suffix_gives_what_the_engine_gives(tiny_fim_checkpoint, tmp_path, capsys):
+    """The same greedy middles through the service over real HTTP as through the engine."""
+    import ray
+
+    from app.api import build_app
+    from conftest import uvicorn_server
+    from serving.engine import Engine
+    from serving.local import LocalBackend
+
+    args = ["--infilling", "random-span-light", "--limit", "3", "--temperature", "0", "--max-new-tokens", "12",
+            "--save-samples"]
+    local = tmp_path / "local.json"
+    assert main(["--checkpoint", str(tiny_fim_checkpoint), "--no-perplexity", *args, "--json", str(local)]) == 0
+    with uvicorn_server(build_app(LocalBackend(Engine(tiny_fim_checkpoint)))) as url:
+        remote = tmp_path / "remote.json"
+        rc = main(["--endpoint", url, *args, "--json", str(remote)])
+    assert rc == 0, capsys.readouterr().err
+    a, b = (json.loads(f.read_text())["infilling"] for f in (local, remote))
+    assert [s["completion"] for s in a["samples"]] == [s["completion"] for s in b["samples"]]
+    assert a["per_problem"] == b["per_problem"] and len(a["per_problem"]) == 3
+    assert not ray.is_initialized()

@@ -240,16 +240,16 @@ def run_infilling(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
     if max_new >= ctx:
         raise EvalError(f"--max-new-tokens {max_new} must be below the model's context ({ctx})")
     stops = stops_for(args.infilling)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
+                            seed=args.seed, stop=stops)
     t0 = time.time()
     truncated = 0
     if checkpoint is not None:
-        completions, truncated = generate_with_engine(checkpoint, problems, args.n, args.temperature, args.top_p,
-                                                      max_new, args.seed, stops, batch_size=args.batch_size)
+        completions, truncated = generate_with_engine(checkpoint, problems, params, args.n,
+                                                      batch_size=args.batch_size)
     else:
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                                max_new_tokens=max_new, seed=args.seed, stop=stops)
         completions = generate_with_endpoint(args.endpoint, {p["task_id"]: p["prompt"] for p in problems}, params,
-                                             model=args.model_name, api_key=api_key,
+                                             n=args.n, model=args.model_name, api_key=api_key,
                                              suffixes={p["task_id"]: p["suffix"] for p in problems})
     gen_s = time.time() - t0
     t0 = time.time()

@@ -64,26 +64,28 @@ def exact_match(problems: Sequence[dict], completions: dict[str, list[str]]) -> 
     return sum(hits) / len(hits) if hits else 0.0
 
 
-def generate_with_engine(checkpoint: str | Path, problems: Sequence[dict], n: int, temperature: float,
-                         top_p: float, max_new_tokens: int, seed: int, stop: Sequence[str],
+def generate_with_engine(checkpoint: str | Path, problems: Sequence[dict], params, n: int,
                          batch_size: int = 8) -> tuple[dict[str, list[str]], int]:
-    """n middles per problem from the serving engine ({task_id: [middle, ...]}, prompts cut)."""
-    from serving.engine import Engine, SamplingParams
+    """n middles per problem from the serving engine, in this process: a handful of problems
+    needs no actor pool. Returns ({task_id: [middle, ...]}, problems whose prompt was cut)."""
+    from dataclasses import replace
+
+    from serving.engine import Engine
     from serving.fim import Infill
+    from training.eval.generation import sample_seed
 
     engine = Engine(checkpoint, num_threads=None)
     if engine.fim is None:
         raise ValueError(f"--checkpoint {checkpoint}: the model was trained without fill-in-the-middle "
                          "(no fim.json with fim_rate > 0); train with --fim-rate > 0")
-    rows = [(p, i) for p in problems for i in range(n)]
+    rows = [p for p in problems for _ in range(n)]
     out: dict[str, list[str]] = {p["task_id"]: [] for p in problems}
     truncated = set()
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        prompts = [Infill(p["prompt"], p["suffix"]) for p, _ in batch]
-        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 stop=tuple(stop), seed=seed * 1_000_003 + start + j) for j in range(len(batch))]
-        for (p, _), c in zip(batch, engine.generate(prompts, params)):
+        prompts = [Infill(p["prompt"], p["suffix"]) for p in batch]
+        seeded = [replace(params, seed=sample_seed(params, start + j)) for j in range(len(batch))]
+        for p, c in zip(batch, engine.generate(prompts, seeded)):
             out[p["task_id"]].append(c.text)
             if c.truncated:
                 truncated.add(p["task_id"])
