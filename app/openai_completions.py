@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from app.errors import APIError, failure_body
 from app.schemas import (CompletionChoice, CompletionRequest, CompletionResponse, CompletionUsage,
                          DetokenizeRequest, DetokenizeResponse, Logprobs, TokenizeRequest, TokenizeResponse)
-from serving.fim import Infill
+from serving.fim import Infill, parse_psm
 from serving.params import Delta, SamplingParams, TokenLogprob
 
 
@@ -88,6 +88,8 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
         what: Union[str, list[int], Infill] = prompt
         if req.suffix is not None and backend.can_infill:
             what = Infill(str(prompt), req.suffix)
+        elif isinstance(prompt, str) and backend.can_infill and not echo:
+            what = parse_psm(prompt) or prompt  # a FIM prompt the editor built (Continue)
         for j in range(best_of):
             seed = None if req.seed is None else req.seed + j  # samples must differ
             params = SamplingParams(

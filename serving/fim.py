@@ -60,6 +60,20 @@ def read_fim(model_dir: str | Path, vocab: dict[str, int]) -> Optional[FimSpec]:
     return FimSpec(*ids, fim_rate=float(meta["fim_rate"]), format=str(meta.get("format", "starcoder")))
 
 
+def parse_psm(text: str) -> Optional[Infill]:
+    """An editor that builds the FIM prompt itself (Continue's default template:
+    `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`) sends it as a plain prompt.
+    Read back as prefix + suffix, it gets the same far-side truncation as `suffix` would
+    (cut from the left, the text would lose <fim_prefix> and the prefix first)."""
+    head, mid, tail = SENTINELS[0], SENTINELS[2], SENTINELS[1]  # prefix, suffix, middle
+    if not (text.startswith(head) and text.endswith(tail)) or any(text.count(t) != 1 for t in (head, mid, tail)):
+        return None
+    prefix, _, rest = text[len(head):].partition(mid)
+    if SENTINELS[3] in text:
+        return None
+    return Infill(prefix, rest[: -len(tail)])
+
+
 def split_budget(n_prefix: int, n_suffix: int, budget: int) -> tuple[int, int]:
     """(prefix tokens kept, suffix tokens kept) with kept total <= budget."""
     budget = max(0, budget)

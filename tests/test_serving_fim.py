@@ -63,3 +63,13 @@ def test_engine_infills_with_the_fim_prompt_and_never_returns_a_sentinel(tiny_fi
         assert (done.text, done.finish_reason) == ("", "eos")
     with pytest.raises(NoInfill, match="without fill-in-the-middle"):
         Engine(tiny_checkpoint, num_threads=1).encode_prompt(hole, 20)
+
+
+def test_a_psm_prompt_built_by_the_editor_is_read_back_as_prefix_and_suffix():
+    from serving.fim import Infill, parse_psm
+
+    assert parse_psm("<fim_prefix>def f(x):\n    <fim_suffix>\n\nf(1)<fim_middle>") == Infill("def f(x):\n    ", "\n\nf(1)")
+    assert parse_psm("<fim_prefix><fim_suffix><fim_middle>") == Infill("", "")
+    for text in ("def f(x):", "<fim_prefix>a<fim_middle>", "x<fim_prefix>a<fim_suffix>b<fim_middle>",
+                 "<fim_prefix>a<fim_suffix>b<fim_suffix>c<fim_middle>", "<fim_prefix>a<fim_suffix>b<fim_middle>c"):
+        assert parse_psm(text) is None
