@@ -65,9 +65,10 @@ def exact_match(problems: Sequence[dict], completions: dict[str, list[str]]) -> 
 
 
 def generate_with_engine(checkpoint: str | Path, problems: Sequence[dict], params, n: int,
-                         batch_size: int = 8) -> tuple[dict[str, list[str]], int]:
+                         batch_size: int = 8, left_to_right: bool = False) -> tuple[dict[str, list[str]], int]:
     """n middles per problem from the serving engine, in this process: a handful of problems
-    needs no actor pool. Returns ({task_id: [middle, ...]}, problems whose prompt was cut)."""
+    needs no actor pool. Returns ({task_id: [middle, ...]}, problems whose prompt was cut).
+    left_to_right: complete from the prefix alone (the baseline a model without FIM offers)."""
     from dataclasses import replace
 
     from serving.engine import Engine
@@ -75,7 +76,7 @@ def generate_with_engine(checkpoint: str | Path, problems: Sequence[dict], param
     from training.eval.generation import sample_seed
 
     engine = Engine(checkpoint, num_threads=None)
-    if engine.fim is None:
+    if engine.fim is None and not left_to_right:
         raise ValueError(f"--checkpoint {checkpoint}: the model was trained without fill-in-the-middle "
                          "(no fim.json with fim_rate > 0); train with --fim-rate > 0")
     rows = [p for p in problems for _ in range(n)]
@@ -83,7 +84,7 @@ def generate_with_engine(checkpoint: str | Path, problems: Sequence[dict], param
     truncated = set()
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        prompts = [Infill(p["prompt"], p["suffix"]) for p in batch]
+        prompts = [p["prompt"] if left_to_right else Infill(p["prompt"], p["suffix"]) for p in batch]
         seeded = [replace(params, seed=sample_seed(params, start + j)) for j in range(len(batch))]
         for p, c in zip(batch, engine.generate(prompts, seeded)):
             out[p["task_id"]].append(c.text)
