@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional, Protocol, Union
 
 from fastapi import Depends, FastAPI
@@ -53,11 +54,13 @@ def sse(data: object) -> bytes:
 
 async def deltas(backend: Backend, prompt: Prompt, params: SamplingParams,
                  incremental: bool = True) -> AsyncIterator[Delta]:
-    """The backend's stream, with a request that failed in decoding raised as GenerationError."""
-    async for d in backend.stream(prompt, params, incremental=incremental):
-        if d.error is not None:
-            raise GenerationError(d.error)
-        yield d
+    """The backend's stream, with a request that failed in decoding raised as GenerationError.
+    Closed as soon as the consumer stops (aclosing), so the backend learns it at once."""
+    async with aclosing(backend.stream(prompt, params, incremental=incremental)) as stream:
+        async for d in stream:
+            if d.error is not None:
+                raise GenerationError(d.error)
+            yield d
 
 
 async def collect(backend: Backend, prompt: Prompt, params: SamplingParams,
@@ -65,11 +68,12 @@ async def collect(backend: Backend, prompt: Prompt, params: SamplingParams,
     """Run one request to the end: (completion text, final delta[, logprob entries])."""
     parts: list[str] = []
     lps: list = []
-    async for d in deltas(backend, prompt, params, incremental=False):
-        parts.append(d.text)
-        lps += d.logprobs
-        if d.finished:
-            return ("".join(parts), d, lps) if with_logprobs else ("".join(parts), d)
+    async with aclosing(deltas(backend, prompt, params, incremental=False)) as stream:
+        async for d in stream:
+            parts.append(d.text)
+            lps += d.logprobs
+            if d.finished:
+                return ("".join(parts), d, lps) if with_logprobs else ("".join(parts), d)
     raise RuntimeError("generation ended without a final step")
 
 
@@ -180,15 +184,17 @@ async def _complete_events(backend: Backend, prompt: Prompt, params: SamplingPar
     """SSE for /complete: {"text": delta}... then a final event with the verdict, then [DONE]."""
     parts: list[str] = []
     try:
-        async for d in deltas(backend, prompt, params):
-            parts.append(d.text)
-            if d.finished:
-                yield sse({"text": d.text, "finish_reason": d.finish_reason, "completion": "".join(parts),
-                           "usage": {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens},
-                           "truncated": d.truncated, "model": backend.model_name})
-                break
-            if d.text:
-                yield sse({"text": d.text})
+        async with aclosing(deltas(backend, prompt, params)) as stream:
+            async for d in stream:
+                parts.append(d.text)
+                if d.finished:
+                    yield sse({"text": d.text, "finish_reason": d.finish_reason, "completion": "".join(parts),
+                               "usage": {"prompt_tokens": d.prompt_tokens,
+                                         "completion_tokens": d.completion_tokens},
+                               "truncated": d.truncated, "model": backend.model_name})
+                    break
+                if d.text:
+                    yield sse({"text": d.text})
     except Exception as e:  # headers are sent: report in-band, as TGI does
         yield sse(failure_body(e))
     yield sse("[DONE]")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
@@ -204,10 +205,11 @@ async def _events(backend: Any, jobs: list[Job], rid: str, created: int, include
 
     async def pump(job: Job) -> None:
         try:
-            async for d in deltas(backend, job.prompt, job.params):
-                await queue.put((job, d))
-                if d.finished:
-                    return
+            async with aclosing(deltas(backend, job.prompt, job.params)) as stream:
+                async for d in stream:
+                    await queue.put((job, d))
+                    if d.finished:
+                        return
         except Exception as e:
             await queue.put((job, e))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -65,12 +66,14 @@ class Completer:
         self._batch.set_max_batch_size(min(ADMIT_GROUP, max_batch_size))
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._drains: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+        # Per-request times inside the replica (sums): entry to first text, entry to the end.
+        self._times = {"requests": 0, "first_s": 0.0, "total_s": 0.0}
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled."""
         d = self.decoder
         return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
-                "cancelled": d.cancelled, "draining": len(self._drains)}
+                "cancelled": d.cancelled, "draining": len(self._drains), **d.timings, **self._times}
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
@@ -87,18 +90,25 @@ class Completer:
         # Set when this request ends early (client gone: Serve cancels the request, or the
         # streaming response is closed): the decode loop drops the row before its next step.
         cancel = threading.Event()
+        t0 = time.perf_counter()
+        first: Optional[float] = None
         steps = self._batch((prompt, params, incremental, cancel))
         finished = False
         try:
             async for d in steps:
+                finished = d.finished  # before yielding: the consumer may stop at the last delta
                 if d.text or d.finished:
+                    first = first or time.perf_counter()
                     yield d
                 if d.finished:
-                    finished = True
                     break
         finally:
             if not finished:
                 cancel.set()
+            else:
+                self._times["requests"] += 1
+                self._times["first_s"] += (first or t0) - t0
+                self._times["total_s"] += time.perf_counter() - t0
             # The batcher still resolves this request's next future (with StopAsyncIteration)
             # one step later; consume it off the request path so it is not logged as lost.
             task = asyncio.ensure_future(_drain(steps))

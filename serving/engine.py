@@ -198,10 +198,12 @@ class Engine:
                 active, next_ids = [active[b] for b in keep], [next_ids[b] for b in keep]
             logits = state.step(self.model, next_ids)
 
-    def advance(self, rows: Sequence[_Row], logits: torch.Tensor) -> tuple[list[int], list[Optional[Delta]], list[int]]:
+    def advance(self, rows: Sequence[_Row], logits: torch.Tensor,
+                timings: Optional[dict[str, float]] = None) -> tuple[list[int], list[Optional[Delta]], list[int]]:
         """One step for a batch's rows: (sampled ids, each row's Delta or None, batch indices
         of the rows that go on). A row whose sampling or decoding raises ends with an "error"
-        Delta; the other rows are not affected."""
+        Delta; the other rows are not affected. `timings` adds up sample_s and text_s."""
+        t0 = time.perf_counter()
         try:
             next_ids = self._sample(logits, rows)
         except Exception:  # find the culprit: sample row by row (draws are stateless, so rows repeat exactly)
@@ -212,6 +214,7 @@ class Engine:
                 except Exception as e:
                     self._fail(row, e)
                     next_ids.append(self.pad_token_id)
+        t1 = time.perf_counter()
         deltas: list[Optional[Delta]] = []
         try:
             entries = step_logprobs(logits, [r.params for r in rows], next_ids, self.piece)
@@ -228,6 +231,9 @@ class Engine:
             except Exception as e:
                 self._fail(row, e)
                 deltas.append(self._failure(row))
+        if timings is not None:
+            timings["sample_s"] += t1 - t0
+            timings["text_s"] += time.perf_counter() - t1
         return next_ids, deltas, [b for b, row in enumerate(rows) if not row.done]
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:

@@ -7,8 +7,8 @@ request's seed and the step), so a row samples the same token whatever shares it
 and a step can be retried without disturbing any row's random stream.
 
 Sampling itself is inverse-CDF over the (filtered) distribution in vocabulary order: no
-sort of the vocabulary unless a row asks for top-p, and then only of its top candidates
-when they already hold the requested mass.
+sort of the vocabulary unless a row asks for top-p, and then only of its top 64 (or 512)
+candidates when they hold the requested mass; only a very flat distribution sorts it all.
 
 Every accepted parameter value works: temperature anywhere in (0, inf) (denormals too),
 top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
@@ -23,7 +23,7 @@ import torch
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 F32_MAX = float(torch.finfo(torch.float32).max)
-TOP_P_CANDIDATES = 64  # top-p first looks at this many best tokens; sorts all only if they lack the mass
+TOP_P_CANDIDATES = (64, 512)  # top-p looks at this many best tokens; sorts all only if they lack the mass
 
 
 def mix64(z: int) -> int:
@@ -85,9 +85,11 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
 def _nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per row, the smallest probability inside the nucleus: the fewest best tokens whose
     mass reaches top_p (always at least one). Tokens tied with it stay too."""
-    c = min(TOP_P_CANDIDATES, probs.shape[-1])
-    best = probs.topk(c, dim=-1).values
-    if bool((best.double().sum(dim=-1) < top_p).any()):  # some row's nucleus is wider: sort it all
+    for c in TOP_P_CANDIDATES:  # a partial top-k is much cheaper than sorting the vocabulary
+        best = probs.topk(min(c, probs.shape[-1]), dim=-1).values
+        if c >= probs.shape[-1] or not bool((best.double().sum(dim=-1) < top_p).any()):
+            break
+    else:  # some row's nucleus is wider still (a flat distribution): sort it all
         best = probs.sort(dim=-1, descending=True).values
     mass = best.double().cumsum(dim=-1)
     before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)  # mass of the better tokens

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,6 +52,8 @@ class DecodeLoop:
         self.max_rows_seen = 0  # the most rows that ever decoded together
         self.live_rows = 0  # rows in the batch after the last step
         self.cancelled = 0  # rows that left early because their client went away
+        # Where the loop's time goes (seconds, cumulative): the benchmark's profile.
+        self.timings = {"prefill_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0}
 
     def submit(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                incremental: Sequence[bool], emit: Emit,
@@ -95,8 +98,13 @@ class DecodeLoop:
         """One step: the running rows decode a token, the joining ones prefill, all sample."""
         engine = self.engine
         state, members, next_ids = self._drop_cancelled(state, members, next_ids)
+        t0 = time.perf_counter()
         logits = [state.step(engine.model, next_ids)] if members else []
+        t1 = time.perf_counter()
         new, new_logits, joining = self._prefill(joining)
+        t2 = time.perf_counter()
+        self.timings["forward_s"] += t1 - t0
+        self.timings["prefill_s"] += t2 - t1
         if joining:
             logits.append(new_logits)
             if members:
@@ -109,7 +117,7 @@ class DecodeLoop:
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, len(members))
         ids, deltas, keep = engine.advance([g.rows[i] for g, i in members],
-                                           torch.cat(logits) if len(logits) > 1 else logits[0])
+                                           torch.cat(logits) if len(logits) > 1 else logits[0], self.timings)
 
         steps: dict[int, tuple[_Group, list[Optional[Delta]]]] = {}
         for (g, i), delta in zip(members, deltas):

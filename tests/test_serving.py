@@ -11,9 +11,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
+import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import openai
 import pytest
@@ -22,7 +28,7 @@ import requests
 import yaml
 from ray import serve
 
-from serving.engine import Engine
+from serving.engine import TEST_FAULT_ENV, Engine
 from serving.loadtest import Client, run_load, summarize
 from conftest import free_port
 
@@ -31,6 +37,7 @@ pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).resolve().parents[1] / "serving" / "config.yaml"
 API_KEY = "test-key-4c1d"
 APPS = ("complete", "secure")
+POISON = "#poison-4c1d#"  # a prompt containing this fails while decoding (test-only, see TEST_FAULT_ENV)
 
 
 def config_for(checkpoint: Path, port: int) -> dict:
@@ -41,6 +48,7 @@ def config_for(checkpoint: Path, port: int) -> dict:
     app["args"]["checkpoint"] = str(checkpoint)
     # One replica, so the kill test sees Serve replace it rather than a sibling answer.
     app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    app["runtime_env"] = {"env_vars": {TEST_FAULT_ENV: POISON}}
     secure = copy.deepcopy(app)
     secure.update(name="secure", route_prefix="/secure", runtime_env={"env_vars": {"COMPLETE_API_KEY": API_KEY}})
     cfg["applications"].append(secure)
@@ -204,6 +212,112 @@ def test_auth_on_and_off(service):
     assert requests.get(secure + "/v1/models", timeout=10).status_code == 401
     assert post(secure, "/complete", body, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert post(service, "/complete", body).status_code == 200  # the other app: auth off
+
+
+def replica_stats(app: str = "complete") -> dict:
+    return serve.get_deployment_handle("Completer", app_name=app).stats.remote().result(timeout_s=30)
+
+
+@pytest.mark.timeout(180)
+def test_a_failing_request_fails_alone_under_concurrent_load(service):
+    """Requests that fail mid-decode (injected fault; and the former crash, top_p=1e-300)
+    share batches with ordinary requests: each poison gets its own 500 with a request id,
+    every ordinary request 200, and the decode loop goes on serving."""
+    def body(i: int) -> dict:
+        if i % 8 == 3:
+            return {"prompt": f"{POISON} def f{i}(", "max_new_tokens": 12, "temperature": 0.8, "seed": i}
+        if i % 8 == 5:
+            return {"prompt": "0", "max_new_tokens": 8, "top_p": 1e-300, "temperature": 1.0, "seed": i}
+        return {"prompt": f"def g{i}(x):", "max_new_tokens": 12 + i % 5, "temperature": 0.7 * (i % 2), "seed": i}
+
+    stats0 = replica_stats()
+    results, _ = run_load(service, body, n_requests=48, concurrency=48)
+    by_kind: dict[str, list] = {"poison": [], "tiny_top_p": [], "ordinary": []}
+    for r in results:
+        by_kind["poison" if r.index % 8 == 3 else "tiny_top_p" if r.index % 8 == 5 else "ordinary"].append(r)
+    assert len(results) == 48 and len(by_kind["poison"]) == 6
+    assert all(r.status == 200 for r in by_kind["ordinary"]), [(r.status, r.error) for r in by_kind["ordinary"]]
+    assert all(r.status == 200 for r in by_kind["tiny_top_p"]), [r.error for r in by_kind["tiny_top_p"]]
+    ids = set()
+    for r in by_kind["poison"]:
+        assert r.status == 500 and "generation failed" in r.error, r.error
+        ids.add(json.loads(r.error)["error"]["request_id"])
+    assert len(ids) == 6  # each failure its own id
+    assert replica_stats()["max_rows_seen"] > 8  # they really shared batches
+    assert replica_stats()["steps"] > stats0["steps"]
+    # Streamed, the failure is an in-band error event; and the loop still serves afterwards.
+    with requests.post(service + "/complete", json={"prompt": POISON, "stream": True}, stream=True, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["code"] == 500 and events[-1] == "[DONE]"
+    assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
+
+
+def open_request(url: str, body: dict) -> socket.socket:
+    """POST /complete on a raw socket and return without reading: the client hangs up later."""
+    u = urlparse(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((u.hostname, u.port), timeout=10)
+    sock.sendall(b"POST /complete HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+@pytest.mark.timeout(120)
+def test_disconnected_clients_free_their_rows(service):
+    """16 streaming and 4 non-streamed clients hang up while their rows decode: every row
+    leaves the batch early instead of decoding to max_new_tokens."""
+    before = replica_stats()
+    body = {"prompt": "def long_function(a, b):", "max_new_tokens": 127, "temperature": 0.5}
+    socks = [open_request(service, {**body, "seed": i, "stream": i < 16}) for i in range(20)]
+    try:
+        deadline, stats = time.monotonic() + 30, replica_stats()
+        while stats["live_rows"] < 20:  # all 20 decoding (127 steps take a while even idle)
+            assert time.monotonic() < deadline, f"the 20 requests never decoded together: {stats}"
+            time.sleep(0.02)
+            stats = replica_stats()
+    finally:
+        for sock in socks:
+            sock.close()
+    hung_up = stats
+    deadline = time.monotonic() + 30
+    while stats["live_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = replica_stats()
+    print(f"rows live at hang-up: {hung_up['live_rows']}; steps until none: {stats['steps'] - hung_up['steps']}")
+    assert stats["live_rows"] == 0
+    assert stats["cancelled"] - before["cancelled"] == 20, (before, stats)  # none decoded to its end
+    time.sleep(1.0)
+    assert replica_stats()["draining"] == 0  # the drain tasks finished (and were held until then)
+    assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
+
+
+def fuzz(schema_url: str, seed: int, examples: int, headers: tuple[str, ...] = ()) -> tuple[int, str]:
+    """schemathesis with every check over every route of the running service; (cases, output)."""
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", schema_url, "--checks", "all", "--seed", str(seed),
+           "--max-examples", str(examples), "--workers", "8", "--generation-database", "none",
+           "--suppress-health-check", "all", "--request-timeout", "60", "--no-color"]
+    for h in headers:
+        cmd += ["-H", h]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    cases = re.search(r"(\d+) generated", out)
+    assert proc.returncode == 0 and cases, f"schemathesis (seed {seed}) found problems:\n{out[-6000:]}"
+    return int(cases.group(1)), out
+
+
+@pytest.mark.timeout(600)
+def test_openapi_fuzzer_finds_nothing(service):
+    """Zero server errors, undocumented statuses, rejected schema-valid requests or
+    responses violating their schema: a fixed seed, a random one (printed), and the
+    bearer-auth app with its key (its ignored_auth check sends requests without it)."""
+    fixed = fuzz(service + "/openapi.json", seed=20261125, examples=120)[0]
+    seed = random.randrange(2**31)
+    print(f"schemathesis random seed: {seed} (rerun: --seed {seed})")
+    rand = fuzz(service + "/openapi.json", seed=seed, examples=40)[0]
+    secure = fuzz(service + "/secure/openapi.json", seed=seed, examples=30,
+                  headers=(f"Authorization: Bearer {API_KEY}",))[0]
+    print(f"schemathesis cases: fixed seed {fixed}, random seed {rand}, secure app {secure}")
+    assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
 
 
 @pytest.mark.timeout(180)
