@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import bearer_dependency
 from app.errors import APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
-from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, ErrorResponse, Health, ModelCard,
-                         ModelList, Usage)
+from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                         Health, ModelCard, ModelList, Usage)
 from serving.fim import Infill
 from serving.params import Delta, GenerationError, SamplingParams
 
@@ -167,14 +167,34 @@ def model_limits_in_schema(app: FastAPI, backend: Backend) -> dict:
         schema = FastAPI.openapi(app)
         comps = schema["components"]["schemas"]
         for model, field, extra in ((CompleteRequest, "max_new_tokens", {}),
-                                    (CompletionRequest, "max_tokens", {"model": {"enum": [backend.model_name]}})):
+                                    (CompletionRequest, "max_tokens", {"model": {"enum": [backend.model_name]}}),
+                                    (DetokenizeRequest, None, {})):
             own = model.model_json_schema(ref_template="#/components/schemas/{model}")
             own.pop("$defs", None)
-            own["properties"][field]["maximum"] = backend.context_length - 1
+            if field:
+                own["properties"][field]["maximum"] = backend.context_length - 1
             for name, more in extra.items():
                 own["properties"][name].update(more)
+            # Token ids exist below the vocabulary size; a suffix needs a FIM-trained model.
+            for name in ("prompt", "tokens"):
+                _cap_integers(own["properties"].get(name), backend.vocab_size - 1)
+            if "suffix" in own["properties"] and not backend.can_infill:
+                own["properties"]["suffix"] = {"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}],
+                                               "default": None, "title": "Suffix"}
             comps[model.__name__] = own
     return app.openapi_schema
+
+
+def _cap_integers(node: Any, maximum: int) -> None:
+    """Set `maximum` on every integer schema inside node (the token-id shapes of a prompt)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for v in node.values():
+            _cap_integers(v, maximum)
+    elif isinstance(node, list):
+        for v in node:
+            _cap_integers(v, maximum)
 
 
 CREATED = int(time.time())

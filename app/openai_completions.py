@@ -50,21 +50,14 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
     """The jobs of a request, in choice order (before best_of ranking); 4xx naming the field
     for what cannot be served."""
     echo, max_tokens = bool(req.echo), _or(req.max_tokens, 16)
-    best_of = _or(req.best_of, req.n)
-    if best_of < req.n:
-        raise APIError(400, f"best_of: must be >= n ({best_of} < {req.n})", "best_of")
-    if best_of > req.n and req.stream:
+    best_of = max(_or(req.best_of, 1), req.n)  # below n it is n
+    if _or(req.best_of, 1) > 1 and req.stream:
         raise APIError(400, "best_of: not supported when streaming (stream=true)", "best_of")
-    if best_of > req.n and echo:
+    if _or(req.best_of, 1) > 1 and echo:
         raise APIError(400, "best_of: cannot be combined with echo", "best_of")
-    if max_tokens == 0 and not echo:
-        raise APIError(422, "max_tokens: must be >= 1 (0 is allowed only with echo, to score the prompt)",
-                       "max_tokens")
-    if echo and req.stream and req.logprobs is not None:
-        raise APIError(400, "echo: with logprobs, not supported when streaming", "echo")
     if req.suffix is not None:
         if echo:
-            raise APIError(400, "echo: cannot be combined with suffix", "echo")
+            raise APIError(400, "suffix: cannot be combined with echo", "suffix")
         if req.suffix and not backend.can_infill:
             raise APIError(400, f"suffix: model '{backend.model_name}' was trained without fill-in-the-middle "
                                 "(its folder has no fim.json with fim_rate > 0), so it cannot complete with a "
@@ -80,15 +73,13 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
             if bad_ids:
                 raise APIError(400, f"prompt: token id {bad_ids[0]} is outside the vocabulary "
                                     f"[0, {backend.vocab_size})", "prompt")
-            if req.suffix is not None:
-                raise APIError(400, "suffix: needs a text prompt, not token ids", "suffix")
-            if echo:
+            if echo or req.suffix is not None:
                 text = backend.detokenize(prompt)
         else:
             text = prompt
         what: Union[str, list[int], Infill] = prompt
         if req.suffix is not None and backend.can_infill:
-            what = Infill(str(prompt), req.suffix)
+            what = Infill(str(text), req.suffix)
         elif isinstance(prompt, str) and backend.can_infill and not echo:
             what = parse_psm(prompt) or prompt  # a FIM prompt the editor built (Continue)
         for j in range(best_of):
@@ -127,13 +118,13 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
                                 f"'{backend.model_name}' (see GET /v1/models)", "model")
         jobs = plan(req, backend)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if req.stream and not (req.echo and req.logprobs is not None):
             for k, job in enumerate(jobs):
                 job.index = k
-            usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_events(backend, jobs, rid, created, usage, req.logprobs is not None),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     media_type="text/event-stream", headers=sse_headers)
         results = await asyncio.gather(*(collect(backend, j.prompt, j.params, with_logprobs=True) for j in jobs))
         for job, (text, final, lps) in zip(jobs, results):
             job.text, job.final, job.logprobs = text, final, lps
@@ -141,18 +132,23 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
         choices = [_choice(j, req.logprobs is not None) for j in chosen]
         prompt_tokens = sum(j.final.prompt_tokens for j in {j.prompt_index: j for j in jobs}.values())
         completion_tokens = sum(0 if j.score_only else j.final.completion_tokens for j in jobs)
-        return CompletionResponse(id=rid, created=created, model=backend.model_name, choices=choices,
+        body = CompletionResponse(id=rid, created=created, model=backend.model_name, choices=choices,
                                   usage=CompletionUsage(prompt_tokens=prompt_tokens,
                                                         completion_tokens=completion_tokens,
                                                         total_tokens=prompt_tokens + completion_tokens))
+        if req.stream:  # echo + logprobs: the prompt's logprobs exist only once the prompt is scored
+            return StreamingResponse(_replay(body, usage), media_type="text/event-stream", headers=sse_headers)
+        return body
 
-    @app.post("/tokenize", dependencies=auth, response_model=TokenizeResponse)
+    @app.post("/tokenize", dependencies=auth, response_model=TokenizeResponse,
+              responses={k: v for k, v in (responses or {}).items() if k != 200})
     async def tokenize(req: TokenizeRequest):
         _check_model(req.model, backend)
         ids = backend.tokenize(req.prompt)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=backend.context_length)
 
-    @app.post("/detokenize", dependencies=auth, response_model=DetokenizeResponse)
+    @app.post("/detokenize", dependencies=auth, response_model=DetokenizeResponse,
+              responses={k: v for k, v in (responses or {}).items() if k != 200})
     async def detokenize(req: DetokenizeRequest):
         _check_model(req.model, backend)
         bad = [t for t in req.tokens if not 0 <= t < backend.vocab_size]
@@ -160,6 +156,18 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
             raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {backend.vocab_size})",
                            "tokens")
         return DetokenizeResponse(prompt=backend.detokenize(req.tokens))
+
+
+async def _replay(body: CompletionResponse, include_usage: bool) -> AsyncIterator[bytes]:
+    """A finished response as a stream: one chunk per choice, the usage chunk, [DONE]."""
+    from app.api import sse
+
+    head = {"id": body.id, "object": "text_completion", "created": body.created, "model": body.model}
+    for c in body.choices:
+        yield sse({**head, "choices": [c.model_dump()], **({"usage": None} if include_usage else {})})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": body.usage.model_dump()})
+    yield sse("[DONE]")
 
 
 def _check_model(model: Optional[str], backend: Any) -> None:

@@ -62,8 +62,17 @@ def _only_bool(v: object) -> object:
 
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-# A prompt as token ids (the legacy API): ids below the vocabulary size, checked by the route.
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+def _integral(v: object) -> object:
+    """JSON Schema's `integer` includes 540.0 (see _Strict._integral_floats), inside lists too."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# A token id, and a prompt as token ids (the legacy API); ids below the vocabulary size are
+# checked by the route and stated in the served schema (app/api.py).
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
 class CompleteRequest(_Strict):
@@ -110,16 +119,25 @@ class CompletionRequest(_Strict):
     client that relies on it gets a 422 naming the field instead of silently different output.
     """
 
+    # What only combinations of fields can say, as JSON-schema conditionals (the route enforces
+    # the same, 400 naming the field): best_of > 1 neither streams nor echoes, echo takes no suffix.
+    model_config = ConfigDict(**_Strict.model_config, json_schema_extra={"allOf": [
+        {"if": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+         "then": {"properties": {"suffix": {"type": "null"}, "best_of": {"anyOf": [{"type": "null"}, {"const": 1}]}}}},
+        {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+         "then": {"properties": {"best_of": {"anyOf": [{"type": "null"}, {"const": 1}]}}}},
+    ]})
+
     model: str = Field(min_length=1)
     prompt: Union[Prompt, TokenIds, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
     suffix: Optional[Prompt] = None
-    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scores the prompt)
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0: nothing generated (with echo: scores the prompt)
     temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=MAX_N)
-    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)  # below n it is n
     stop: Union[None, StopString, list[StopString]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -221,7 +239,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Strict):
     model: Optional[str] = None
-    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_PROMPT_CHARS)
+    tokens: list[TokenId] = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class DetokenizeResponse(BaseModel):

@@ -64,6 +64,8 @@ def test_suffix_returns_only_the_middle_of_a_fim_prompt(fim_client, fim_engine):
     assert "<fim_" not in choice["text"] and "<|endoftext|>" not in choice["text"]
     same = fim_client.post("/complete", json={"prompt": prefix, "suffix": suffix, "max_new_tokens": 12})
     assert same.status_code == 200 and same.json()["completion"] == choice["text"]
+    ids = post(fim_client, fim_engine, prompt=fim_engine.tokenize(prefix), suffix=suffix, max_tokens=12, temperature=0)
+    assert ids.json()["choices"][0]["text"] == choice["text"]  # token ids + suffix: the same hole
 
 
 def test_suffix_on_a_model_trained_without_fim_is_a_400_naming_suffix(client, engine):
@@ -148,6 +150,22 @@ def test_stream_with_logprobs_usage_and_done(client, engine):
     assert offsets == sorted(offsets) and offsets[0] == 0
 
 
+def test_combinations_the_schema_allows_are_served(client, engine):
+    """best_of below n is n; max_tokens 0 without echo generates nothing; echo + logprobs
+    streams once the prompt is scored; a suffix after token ids continues their text."""
+    two = post(client, engine, prompt=PROMPT, n=2, best_of=1, max_tokens=3, seed=1).json()["choices"]
+    assert [c["index"] for c in two] == [0, 1]
+    none = post(client, engine, prompt=PROMPT, max_tokens=0).json()
+    assert none["choices"][0]["text"] == "" and none["usage"]["completion_tokens"] == 0
+    r = post(client, engine, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1, stream=True, temperature=0,
+             stream_options={"include_usage": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 2
+    choice = events[0]["choices"][0]
+    whole = post(client, engine, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1, temperature=0).json()
+    assert choice["text"] == whole["choices"][0]["text"] and choice["logprobs"] == whole["choices"][0]["logprobs"]
+
+
 # ---- tokenize / detokenize ----------------------------------------------------------------
 
 def test_tokenize_and_detokenize_with_the_models_tokenizer(client, engine):
@@ -172,8 +190,7 @@ def test_tokenize_and_detokenize_with_the_models_tokenizer(client, engine):
     ({"prompt": "x", "logprobs": 6}, 422, "logprobs"),
     ({"prompt": "x", "echo": True, "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "stream": True, "best_of": 2}, 400, "best_of"),
-    ({"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of"),
-    ({"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ({"prompt": "x", "echo": True, "suffix": "y"}, 400, "suffix"),
     ({"prompt": "x", "presence_penalty": 3}, 422, "presence_penalty"),
     ({"prompt": "x", "logit_bias": {"1": 5}}, 422, "logit_bias"),
 ])
