@@ -105,7 +105,10 @@ class TokenizeStage:
         if self.fim is not None:
             from training.data.fim import codec_from_file
 
-            self.codec, self.fim_ids = codec_from_file(tokenizer_file, self.encode_one)
+            # tokenizers encodes a batch in one Rust call; tiktoken's batch call goes through a
+            # Python thread pool that costs more than its per-text calls on these short texts.
+            self.codec, self.fim_ids = codec_from_file(tokenizer_file, self.encode_one,
+                                                       self.encode if self.fast is None else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from training.data.stats import report

@@ -48,6 +48,7 @@ class Codec:
     token_bytes: Sequence[bytes]     # id -> the bytes it stands for (specials: their spelling)
     encode: Callable[[str], list[int]]
     byte_ids: Sequence[int]          # byte value -> the id of the single-byte token
+    encode_batch: Optional[Callable[[list[str]], list[list[int]]]] = None  # the same, many at once
 
 
 def chunk_rng(seed: int, ids: np.ndarray) -> np.random.Generator:
@@ -76,52 +77,79 @@ def _split_edges(data: bytes) -> tuple[bytes, str, bytes]:
     return data[:start], data[start:end].decode("utf-8"), data[end:]
 
 
-def fim_transform(ids: np.ndarray, rng: np.random.Generator, codec: Codec, fim: FimIds,
-                  fim_rate: float, spm_rate: float) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids, labels) of the FIM version of `ids`, or None to keep it left to right."""
+@dataclass
+class _Plan:
+    """One chunk's draws: the format and the three texts to encode (edges kept as bytes)."""
+    spm: bool
+    head: bytes
+    parts: tuple[str, str, str]  # prefix, middle, suffix text
+    tail: bytes
+
+
+def _plan(ids: np.ndarray, rng: np.random.Generator, codec: Codec, fim_rate: float,
+          spm_rate: float) -> Optional[_Plan]:
     if rng.random() >= fim_rate:
         return None
     spm = rng.random() < spm_rate
-    ctx = len(ids)
     try:
         head, text, tail = _split_edges(b"".join(codec.token_bytes[i] for i in ids))
     except UnicodeDecodeError:  # not UTF-8 inside: nothing sensible to split
         return None
     lo, hi = sorted(int(x) for x in rng.integers(0, len(text) + 1, size=2))
-    prefix = [codec.byte_ids[b] for b in head] + codec.encode(text[:lo])
-    middle = codec.encode(text[lo:hi])
-    suffix = codec.encode(text[hi:]) + [codec.byte_ids[b] for b in tail]
+    return _Plan(spm, head, (text[:lo], text[lo:hi], text[hi:]), tail)
+
+
+def _assemble(plan: _Plan, encoded: Sequence[list[int]], ctx: int, codec: Codec, fim: FimIds,
+              dtype) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    prefix = [codec.byte_ids[b] for b in plan.head] + list(encoded[0])
+    middle = list(encoded[1])
+    suffix = list(encoded[2]) + [codec.byte_ids[b] for b in plan.tail]
     excess = len(prefix) + len(middle) + len(suffix) + 3 - ctx
     if excess > 0:
         if len(suffix) < excess:
             return None
         suffix = suffix[: len(suffix) - excess]
-    if spm:
+    if plan.spm:
         out = [fim.prefix, fim.suffix, *suffix, fim.middle, *prefix, *middle]
     else:
         out = [fim.prefix, *prefix, fim.suffix, *suffix, fim.middle, *middle]
     n = len(out)
-    input_ids = np.full(ctx, fim.pad, dtype=ids.dtype)
+    input_ids = np.full(ctx, fim.pad, dtype=dtype)
     input_ids[:n] = out
     labels = input_ids.copy()
     labels[n:] = IGNORE
     return input_ids, labels
 
 
+def fim_transform(ids: np.ndarray, rng: np.random.Generator, codec: Codec, fim: FimIds,
+                  fim_rate: float, spm_rate: float) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) of the FIM version of `ids`, or None to keep it left to right."""
+    plan = _plan(ids, rng, codec, fim_rate, spm_rate)
+    if plan is None:
+        return None
+    return _assemble(plan, [codec.encode(t) for t in plan.parts], len(ids), codec, fim, ids.dtype)
+
+
 def fim_chunks(chunks: np.ndarray, seed: int, codec: Codec, fim: FimIds, fim_rate: float,
                spm_rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """A (n, ctx) array of chunks -> (input_ids, labels), each chunk seeded by its content."""
+    """A (n, ctx) array of chunks -> (input_ids, labels), each chunk seeded by its content.
+    The texts of all rewritten chunks are encoded in one batch call (codec.encode_batch)."""
     inputs, labels = chunks.copy(), chunks.copy()
-    if fim_rate <= 0:
+    if fim_rate <= 0 or not len(chunks):
         return inputs, labels
-    for i, row in enumerate(chunks):
-        done = fim_transform(row, chunk_rng(seed, row), codec, fim, fim_rate, spm_rate)
+    plans = [(i, p) for i, row in enumerate(chunks)
+             if (p := _plan(row, chunk_rng(seed, row), codec, fim_rate, spm_rate)) is not None]
+    texts = [t for _, p in plans for t in p.parts]
+    encoded = codec.encode_batch(texts) if codec.encode_batch else [codec.encode(t) for t in texts]
+    for k, (i, plan) in enumerate(plans):
+        done = _assemble(plan, encoded[3 * k:3 * k + 3], chunks.shape[1], codec, fim, chunks.dtype)
         if done is not None:
             inputs[i], labels[i] = done
     return inputs, labels
 
 
-def codec_from_file(tokenizer_file: str, encode: Callable[[str], list[int]]) -> tuple[Codec, FimIds]:
+def codec_from_file(tokenizer_file: str, encode: Callable[[str], list[int]],
+                    encode_batch: Optional[Callable[[list[str]], list[list[int]]]] = None) -> tuple[Codec, FimIds]:
     """The Codec and sentinel ids of a tokenizer.json (byte-level BPE)."""
     from tokenizers import Tokenizer
 
@@ -138,5 +166,5 @@ def codec_from_file(tokenizer_file: str, encode: Callable[[str], list[int]]) -> 
     for piece, i in vocab.items():
         table[i] = piece.encode("utf-8") if piece in specials else bytes(byte_of[c] for c in piece)
     byte_ids = [vocab[c] for c, _ in sorted(byte_of.items(), key=lambda cb: cb[1])]
-    return (Codec(token_bytes=table, encode=encode, byte_ids=byte_ids),
+    return (Codec(token_bytes=table, encode=encode, byte_ids=byte_ids, encode_batch=encode_batch),
             FimIds(*(vocab[s] for s in (PREFIX, MIDDLE, SUFFIX, PAD))))
