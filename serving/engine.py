@@ -17,7 +17,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -163,6 +163,8 @@ class Engine:
             if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
                 raise ValueError(f"invalid sampling parameters {p}")
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
+            if len(ids) + p.max_new_tokens > self.context_length:  # a FIM prompt is never under 3 tokens
+                p = replace(p, max_new_tokens=max(1, self.context_length - len(ids)))
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
             rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
                              incremental=inc, cancel=stop,

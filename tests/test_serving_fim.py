@@ -73,3 +73,12 @@ def test_a_psm_prompt_built_by_the_editor_is_read_back_as_prefix_and_suffix():
     for text in ("def f(x):", "<fim_prefix>a<fim_middle>", "x<fim_prefix>a<fim_suffix>b<fim_middle>",
                  "<fim_prefix>a<fim_suffix>b<fim_suffix>c<fim_middle>", "<fim_prefix>a<fim_suffix>b<fim_middle>c"):
         assert parse_psm(text) is None
+
+
+def test_a_fim_prompt_with_almost_the_whole_context_to_generate_still_fits(tiny_fim_checkpoint):
+    from serving.engine import Engine, SamplingParams
+    from serving.fim import Infill
+
+    engine = Engine(tiny_fim_checkpoint, num_threads=1)
+    c = engine.generate([Infill("x = ", "\ny = 2\n")], [SamplingParams(max_new_tokens=127)])[0]
+    assert c.prompt_tokens == 3 and c.completion_tokens <= 125  # the three sentinels + the rest of the context
