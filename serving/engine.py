@@ -5,9 +5,10 @@ global RNG to the whole batch. A server batches requests that disagree on all of
 "same prompt + same seed + same parameters gives the same completion" must hold whatever
 else shares the batch. So this loop does what `generate` does for a decoder-only model
 (left padding, position ids from the attention mask, a DynamicCache, one forward pass per
-step for the whole batch) and samples each row with its own parameters and its own RNG.
-Rows that finish are dropped from the batch and the cache, so a long request does not make
-short ones pay for its steps.
+step for the whole batch) and samples all rows at once, each with its own parameters and
+seed (serving/sampling.py). Rows that finish are dropped from the batch and the cache, so a
+long request does not make short ones pay for its steps; a row whose sampling or decoding
+fails ends alone, with an "error" Delta.
 """
 
 from __future__ import annotations

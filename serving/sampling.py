@@ -51,8 +51,12 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     # Shift so the best token is exactly 0 before scaling: then no temperature, however
     # small (5e-324) or large, makes inf - inf or 0 * inf; 1/T is capped to stay finite.
     inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
-    scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) * inv_t[:, None]
+    logits = logits.float()
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) * inv_t[:, None]
     ninf = float("-inf")
+    # Below e^-70 of the best token a weight is negligible; dropping it also keeps exp (and
+    # sums of weights) off subnormal floats, which take a very slow path on CPUs.
+    scaled = scaled.masked_fill(scaled < -70.0, ninf)
 
     k = torch.tensor(list(top_k), dtype=torch.long)
     need_k = (k > 0) & (k < vocab)
@@ -62,36 +66,41 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
         threshold = torch.where(need_k[:, None], kth, torch.full_like(kth, ninf))
         scaled = scaled.masked_fill(scaled < threshold, ninf)  # the best token (0) always stays
 
+    weights = torch.exp(scaled)  # unnormalised; the best token weighs exactly 1
     p = torch.tensor(list(top_p), dtype=torch.float64)
     need_p = p < 1.0
     if bool(need_p.any()):
-        idx = need_p.nonzero().squeeze(1)
-        part = scaled[idx]
-        probs = torch.softmax(part, dim=-1)
-        scaled[idx] = part.masked_fill(probs < _nucleus_floor(probs, p[idx]), ninf)
+        every = bool(need_p.all())
+        idx = None if every else need_p.nonzero().squeeze(1)
+        w = weights if every else weights[idx]
+        mass = (p if every else p[idx]) * w.sum(dim=-1, dtype=torch.float64)  # top_p of the total weight (no division:
+        w = w.masked_fill(w < _nucleus_floor(w, mass), 0.0)  # tiny weights / total would be subnormal)
+        if every:
+            weights = w
+        else:
+            weights[idx] = w
 
-    weights = torch.exp(scaled)  # unnormalised; the best token weighs exactly 1
-    cdf = weights.double().cumsum(dim=-1)
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
     x = torch.tensor(list(u), dtype=torch.float64)[:, None] * cdf[:, -1:]
     # First index whose cdf exceeds x: a token of non-zero weight (the cdf steps up there).
     pos = torch.searchsorted(cdf, x, right=True).clamp(max=vocab - 1)
     # u close to 1 can round past the last kept token: fall back to the best token then.
     stray = weights.gather(1, pos) == 0
     if bool(stray.any()):
-        pos = torch.where(stray, scaled.argmax(dim=-1, keepdim=True), pos)
+        pos = torch.where(stray, weights.argmax(dim=-1, keepdim=True), pos)
     return pos.squeeze(1)
 
 
-def _nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row, the smallest probability inside the nucleus: the fewest best tokens whose
-    mass reaches top_p (always at least one). Tokens tied with it stay too."""
+def _nucleus_floor(weights: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest weight inside the nucleus: the fewest best tokens whose weight
+    adds up to `mass` (top_p x the row's total; always at least one). Ties with it stay too."""
     for c in TOP_P_CANDIDATES:  # a partial top-k is much cheaper than sorting the vocabulary
-        best = probs.topk(min(c, probs.shape[-1]), dim=-1).values
-        if c >= probs.shape[-1] or not bool((best.double().sum(dim=-1) < top_p).any()):
+        best = weights.topk(min(c, weights.shape[-1]), dim=-1).values
+        if c >= weights.shape[-1] or not bool((best.double().sum(dim=-1) < mass).any()):
             break
     else:  # some row's nucleus is wider still (a flat distribution): sort it all
-        best = probs.sort(dim=-1, descending=True).values
-    mass = best.double().cumsum(dim=-1)
-    before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)  # mass of the better tokens
-    n_keep = (before < top_p[:, None]).sum(dim=-1).clamp(min=1)  # top_p of 1e-300 still keeps one
+        best = weights.sort(dim=-1, descending=True).values
+    cum = best.double().cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # weight of the better tokens
+    n_keep = (before < mass[:, None]).sum(dim=-1).clamp(min=1)  # top_p of 1e-300 still keeps one
     return best.gather(1, (n_keep - 1)[:, None])
