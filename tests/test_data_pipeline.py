@@ -237,3 +237,13 @@ def test_corpus_without_a_full_chunk_fails_naming_the_length(tmp_path):
         (src / f"m{i}.py").write_text(f"x{i} = {i}\nprint(x{i})\n" * 3)
     with pytest.raises(ConfigError, match="no full 128-token chunk"):
         prepare_data(job(tmp_path / "out", corpus=str(src), vocab_size=300, valid_fraction=0.0))
+
+
+def test_fim_with_a_tokenizer_without_the_sentinels_fails_naming_them(corpus, tmp_path):
+    from training.tokenizer import save_tokenizer, train_tokenizer
+
+    old = save_tokenizer(train_tokenizer([p.read_text() for p in stdlib_files(5)], vocab_size=300, fim_tokens=False),
+                         tmp_path / "old_tok")
+    with pytest.raises(ConfigError, match=r"data.tokenizer=.*<fim_prefix>.*data.fim_rate=0.5"):
+        prepare_data(job(tmp_path / "out", corpus=str(corpus), tokenizer=str(old), fim_rate=0.5))
+    assert not (tmp_path / "out" / "data" / "train").exists()  # nothing written
