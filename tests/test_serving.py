@@ -291,14 +291,15 @@ def test_disconnected_clients_free_their_rows(service):
     assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
 
 
-def fuzz(schema_url: str, seed: int, examples: int, headers: tuple[str, ...] = ()) -> tuple[int, str]:
+def fuzz(schema_url: str, seed: int, examples: int, workdir: Path, headers: tuple[str, ...] = ()) -> tuple[int, str]:
     """schemathesis with every check over every route of the running service; (cases, output)."""
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", schema_url, "--checks", "all", "--seed", str(seed),
            "--max-examples", str(examples), "--workers", "8", "--generation-database", "none",
            "--suppress-health-check", "all", "--request-timeout", "60", "--no-color"]
     for h in headers:
         cmd += ["-H", h]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    # cwd: schemathesis keeps a cache folder (.schemathesis/) where it runs.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=workdir)
     out = proc.stdout + proc.stderr
     cases = re.search(r"(\d+) generated", out)
     assert proc.returncode == 0 and cases, f"schemathesis (seed {seed}) found problems:\n{out[-6000:]}"
@@ -306,15 +307,15 @@ def fuzz(schema_url: str, seed: int, examples: int, headers: tuple[str, ...] = (
 
 
 @pytest.mark.timeout(600)
-def test_openapi_fuzzer_finds_nothing(service):
+def test_openapi_fuzzer_finds_nothing(service, tmp_path):
     """Zero server errors, undocumented statuses, rejected schema-valid requests or
     responses violating their schema: a fixed seed, a random one (printed), and the
     bearer-auth app with its key (its ignored_auth check sends requests without it)."""
-    fixed = fuzz(service + "/openapi.json", seed=20261125, examples=120)[0]
+    fixed = fuzz(service + "/openapi.json", seed=20261125, examples=120, workdir=tmp_path)[0]
     seed = random.randrange(2**31)
     print(f"schemathesis random seed: {seed} (rerun: --seed {seed})")
-    rand = fuzz(service + "/openapi.json", seed=seed, examples=40)[0]
-    secure = fuzz(service + "/secure/openapi.json", seed=seed, examples=30,
+    rand = fuzz(service + "/openapi.json", seed=seed, examples=40, workdir=tmp_path)[0]
+    secure = fuzz(service + "/secure/openapi.json", seed=seed, examples=30, workdir=tmp_path,
                   headers=(f"Authorization: Bearer {API_KEY}",))[0]
     print(f"schemathesis cases: fixed seed {fixed}, random seed {rand}, secure app {secure}")
     assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
