@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import AsyncIterator, Optional, Protocol
+from typing import Any, AsyncIterator, Optional, Protocol, Union
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,22 +20,32 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.auth import bearer_dependency
 from app.errors import APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
 from app.playground import install_playground
-from app.schemas import (CompleteRequest, CompleteResponse, CompletionChoice, CompletionRequest,
-                         CompletionResponse, CompletionUsage, ErrorResponse, Health, ModelCard, ModelList, Usage)
+from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                         Health, ModelCard, ModelList, Usage)
+from serving.fim import Infill
 from serving.params import Delta, GenerationError, SamplingParams
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+Prompt = Union[str, list[int], Infill]  # text, token ids, or text with a suffix (FIM)
+
+
 class Backend(Protocol):
     model_name: str
     context_length: int
+    vocab_size: int
+    can_infill: bool  # the model was trained with FIM (fim.json): `suffix` is served
 
     def ready(self) -> bool: ...
 
-    def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+    def stream(self, prompt: Prompt, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
         """The request's text as it is generated (incremental) or all in the final Delta."""
         ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: list[int]) -> str: ...
 
 
 def sse(data: object) -> bytes:
@@ -43,7 +53,7 @@ def sse(data: object) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def deltas(backend: Backend, prompt: str, params: SamplingParams,
+async def deltas(backend: Backend, prompt: Prompt, params: SamplingParams,
                  incremental: bool = True) -> AsyncIterator[Delta]:
     """The backend's stream, with a request that failed in decoding raised as GenerationError.
     Closed as soon as the consumer stops (aclosing), so the backend learns it at once."""
@@ -54,14 +64,17 @@ async def deltas(backend: Backend, prompt: str, params: SamplingParams,
             yield d
 
 
-async def collect(backend: Backend, prompt: str, params: SamplingParams) -> tuple[str, Delta]:
-    """Run one request to the end: (completion text, final delta)."""
+async def collect(backend: Backend, prompt: Prompt, params: SamplingParams,
+                  with_logprobs: bool = False) -> Any:
+    """Run one request to the end: (completion text, final delta[, logprob entries])."""
     parts: list[str] = []
+    lps: list = []
     async with aclosing(deltas(backend, prompt, params, incremental=False)) as stream:
         async for d in stream:
             parts.append(d.text)
+            lps += d.logprobs
             if d.finished:
-                return "".join(parts), d
+                return ("".join(parts), d, lps) if with_logprobs else ("".join(parts), d)
     raise RuntimeError("generation ended without a final step")
 
 
@@ -116,10 +129,17 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
         check_new_tokens(req.max_new_tokens, backend.context_length, "max_new_tokens")
         params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                                 top_p=req.top_p, top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
+        prompt: Prompt = req.prompt
+        if req.suffix is not None:
+            if req.suffix and not backend.can_infill:
+                raise APIError(400, f"suffix: model '{backend.model_name}' was trained without fill-in-the-middle "
+                                    "(no fim.json with fim_rate > 0), so it cannot complete with a suffix", "suffix")
+            if backend.can_infill:
+                prompt = Infill(req.prompt, req.suffix)
         if req.stream:
-            return StreamingResponse(_complete_events(backend, req.prompt, params),
+            return StreamingResponse(_complete_events(backend, prompt, params),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        text, final = await collect(backend, req.prompt, params)
+        text, final = await collect(backend, prompt, params)
         return CompleteResponse(completion=text, finish_reason=final.finish_reason, truncated=final.truncated,
                                 usage=Usage(prompt_tokens=final.prompt_tokens,
                                             completion_tokens=final.completion_tokens),
@@ -131,34 +151,10 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
                                          max_model_len=backend.context_length,
                                          infill=bool(getattr(backend, "can_infill", False)))])
 
-    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
-              responses={**SSE_200, **errors(*body_errors, 404)})
-    async def completions(req: CompletionRequest):
-        if req.model != backend.model_name:
-            raise APIError(404, f"model '{req.model}' does not exist; this server serves "
-                                f"'{backend.model_name}' (see GET /v1/models)", "model")
-        check_new_tokens(req.max_tokens, backend.context_length, "max_tokens")
-        jobs = []  # (choice index, prompt, params): prompt-major, like OpenAI's `n` expansion
-        for i, prompt in enumerate(req.prompts()):
-            for j in range(req.n):
-                seed = None if req.seed is None else req.seed + j  # n samples must differ
-                jobs.append((i * req.n + j, prompt, SamplingParams(
-                    max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                    top_k=req.top_k, stop=tuple(req.stops()), seed=seed)))
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_openai_events(backend, jobs, req.n, rid, created, usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        results = await asyncio.gather(*(collect(backend, p, sp) for _, p, sp in jobs))
-        choices = [CompletionChoice(index=idx, text=text, finish_reason=openai_reason(final))
-                   for (idx, _, _), (text, final) in zip(jobs, results)]
-        prompt_tokens = sum(final.prompt_tokens for k, (_, final) in enumerate(results) if k % req.n == 0)
-        completion_tokens = sum(final.completion_tokens for _, final in results)
-        return CompletionResponse(id=rid, created=created, model=backend.model_name, choices=choices,
-                                  usage=CompletionUsage(prompt_tokens=prompt_tokens,
-                                                        completion_tokens=completion_tokens,
-                                                        total_tokens=prompt_tokens + completion_tokens))
+    from app import openai_completions
+
+    # /v1/completions, /tokenize, /detokenize
+    openai_completions.register(app, backend, auth, responses={**SSE_200, **errors(*body_errors, 404)})
 
     app.openapi = lambda: model_limits_in_schema(app, backend)
     return app
@@ -174,24 +170,40 @@ def model_limits_in_schema(app: FastAPI, backend: Backend) -> dict:
         schema = FastAPI.openapi(app)
         comps = schema["components"]["schemas"]
         for model, field, extra in ((CompleteRequest, "max_new_tokens", {}),
-                                    (CompletionRequest, "max_tokens", {"model": {"enum": [backend.model_name]}})):
+                                    (CompletionRequest, "max_tokens", {"model": {"enum": [backend.model_name]}}),
+                                    (DetokenizeRequest, None, {})):
             own = model.model_json_schema(ref_template="#/components/schemas/{model}")
             own.pop("$defs", None)
-            own["properties"][field]["maximum"] = backend.context_length - 1
+            if field:
+                own["properties"][field]["maximum"] = backend.context_length - 1
             for name, more in extra.items():
                 own["properties"][name].update(more)
+            # Token ids exist below the vocabulary size; a suffix needs a FIM-trained model.
+            for name in ("prompt", "tokens"):
+                _cap_integers(own["properties"].get(name), backend.vocab_size - 1)
+            if "suffix" in own["properties"] and not backend.can_infill:
+                own["properties"]["suffix"] = {"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}],
+                                               "default": None, "title": "Suffix"}
             comps[model.__name__] = own
     return app.openapi_schema
+
+
+def _cap_integers(node: Any, maximum: int) -> None:
+    """Set `maximum` on every integer schema inside node (the token-id shapes of a prompt)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for v in node.values():
+            _cap_integers(v, maximum)
+    elif isinstance(node, list):
+        for v in node:
+            _cap_integers(v, maximum)
 
 
 CREATED = int(time.time())
 
 
-def openai_reason(d: Delta) -> str:
-    return "length" if d.finish_reason == "length" else "stop"  # OpenAI folds eos into "stop"
-
-
-async def _complete_events(backend: Backend, prompt: str, params: SamplingParams) -> AsyncIterator[bytes]:
+async def _complete_events(backend: Backend, prompt: Prompt, params: SamplingParams) -> AsyncIterator[bytes]:
     """SSE for /complete: {"text": delta}... then a final event with the verdict, then [DONE]."""
     parts: list[str] = []
     try:
@@ -209,51 +221,3 @@ async def _complete_events(backend: Backend, prompt: str, params: SamplingParams
     except Exception as e:  # headers are sent: report in-band, as TGI does
         yield sse(failure_body(e))
     yield sse("[DONE]")
-
-
-async def _openai_events(backend: Backend, jobs: list, n_per_prompt: int, rid: str, created: int,
-                         include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI-style chunks for all choices, interleaved as their tokens arrive."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(idx: int, prompt: str, params: SamplingParams) -> None:
-        try:
-            async with aclosing(deltas(backend, prompt, params)) as stream:
-                async for d in stream:
-                    await queue.put((idx, d))
-                    if d.finished:
-                        return
-        except Exception as e:
-            await queue.put((idx, e))
-
-    tasks = [asyncio.create_task(pump(*job)) for job in jobs]
-    pending, prompt_tokens, completion_tokens = len(jobs), {}, 0
-
-    def chunk(choices: list, usage: Optional[dict] = None) -> bytes:
-        body = {"id": rid, "object": "text_completion", "created": created, "model": backend.model_name,
-                "choices": choices}
-        if include_usage:
-            body["usage"] = usage
-        return sse(body)
-
-    try:
-        while pending:
-            idx, d = await queue.get()
-            if isinstance(d, Exception):
-                yield sse(failure_body(d))
-                return
-            if d.text or d.finished:
-                reason = openai_reason(d) if d.finished else None
-                yield chunk([{"index": idx, "text": d.text, "finish_reason": reason, "logprobs": None}])
-            if d.finished:
-                pending -= 1
-                prompt_tokens[idx // n_per_prompt] = d.prompt_tokens
-                completion_tokens += d.completion_tokens
-        if include_usage:
-            p = sum(prompt_tokens.values())
-            yield chunk([], {"prompt_tokens": p, "completion_tokens": completion_tokens,
-                             "total_tokens": p + completion_tokens})
-        yield sse("[DONE]")
-    finally:
-        for t in tasks:
-            t.cancel()

@@ -24,6 +24,7 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_PROMPTS = 16  # OpenAI `prompt` as a list
 MAX_N = 8
+MAX_LOGPROBS = 5  # OpenAI's limit for the legacy API
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 FinishReason = Literal["length", "stop", "eos"]
@@ -63,6 +64,17 @@ Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
+def _integral(v: object) -> object:
+    """JSON Schema's `integer` includes 540.0 (see _Strict._integral_floats), inside lists too."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# A token id, and a prompt as token ids (the legacy API); ids below the vocabulary size are
+# checked by the route and stated in the served schema (app/api.py).
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
 class CompleteRequest(_Strict):
     """POST /complete (field names follow HF text-generation-inference's `parameters`)."""
 
@@ -74,6 +86,7 @@ class CompleteRequest(_Strict):
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP)
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
+    suffix: Optional[Prompt] = None  # fill in the middle (a model trained with FIM; 400 otherwise)
 
 
 class Usage(BaseModel):
@@ -96,47 +109,72 @@ class StreamOptions(_Strict):
 
 
 class CompletionRequest(_Strict):
-    """POST /v1/completions: the fields of OpenAI's legacy completions API.
+    """POST /v1/completions: OpenAI's legacy completions API, as vLLM implements it
+    (app/openai_completions.py serves it).
 
-    Fields we cannot honour (logprobs, echo, penalties, ...) are accepted only at their
-    neutral value (the schema says which), so a client that always sends them works, and
-    one that relies on them gets a 422 naming the field instead of silently different
-    behaviour.
+    `prompt`: a string, a list of strings, a list of token ids or a list of such lists (a
+    choice per prompt and sample, in order). `suffix` fills in the middle (FIM-trained models
+    only; a 400 naming it otherwise). `stop`: any number of strings. `user` is accepted and
+    ignored. `logit_bias` is accepted only at its neutral value (the schema says so), so a
+    client that relies on it gets a 422 naming the field instead of silently different output.
     """
 
+    # What only combinations of fields can say, as JSON-schema conditionals (the route enforces
+    # the same, 400 naming the field): best_of > 1 neither streams nor echoes, echo takes no suffix.
+    model_config = ConfigDict(**_Strict.model_config, json_schema_extra={"allOf": [
+        {"if": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+         "then": {"properties": {"suffix": {"type": "null"}, "best_of": {"anyOf": [{"type": "null"}, {"const": 1}]}}}},
+        {"if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+         "then": {"properties": {"best_of": {"anyOf": [{"type": "null"}, {"const": 1}]}}}},
+    ]})
+
     model: str = Field(min_length=1)
-    prompt: Union[Prompt, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    prompt: Union[Prompt, TokenIds, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    suffix: Optional[Prompt] = None
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0: nothing generated (with echo: scores the prompt)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Union[None, StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]] = None
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)  # below n it is n
+    stop: Union[None, StopString, list[StopString]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     user: Optional[str] = None
-    # Neutral-only fields.
-    echo: Annotated[Optional[Literal[False]], BeforeValidator(_only_bool)] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=0)
-    best_of: Optional[int] = Field(None, ge=1, le=1)
-    suffix: Optional[str] = Field(None, max_length=0)
-    frequency_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
-    presence_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)
+    # Neutral-only.
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
 
     def stops(self) -> list[str]:
         return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt: its text or its token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class Logprobs(BaseModel):
+    """OpenAI's legacy logprobs object: per token its text, logprob, alternatives (the
+    `logprobs` most likely, plus the token itself) and offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[Literal["stop", "length"]]
-    logprobs: None = None
+    logprobs: Optional[Logprobs] = None
 
 
 class CompletionUsage(BaseModel):
@@ -184,3 +222,26 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ---- POST /tokenize, /detokenize (vLLM's shapes) --------------------------------------
+
+class TokenizeRequest(_Strict):
+    model: Optional[str] = None
+    prompt: Prompt
+    add_special_tokens: bool = True  # accepted; this tokenizer adds none
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Strict):
+    model: Optional[str] = None
+    tokens: list[TokenId] = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -60,6 +60,9 @@ class Completer:
         self.engine.warmup()
         self.model_name = self.engine.model_name
         self.context_length = self.engine.context_length
+        self.vocab_size = self.engine.vocab_size
+        self.can_infill = self.engine.fim is not None  # fim.json: the app serves `suffix`
+        self.tokenize, self.detokenize = self.engine.tokenize, self.engine.detokenize
         self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
         self.metrics = ServiceMetrics(self.model_name)  # Prometheus, via Ray's metrics agent
         self.decoder.observer = self.metrics
@@ -88,7 +91,7 @@ class Completer:
         if not self.ready():
             raise RuntimeError("model not loaded")
 
-    async def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: Any, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
         # Set when this request ends early (client gone: Serve cancels the request, or the
         # streaming response is closed): the decode loop drops the row before its next step.
         cancel = threading.Event()
@@ -157,7 +160,7 @@ def _merge(deltas: list[Optional[Delta]]) -> Delta:
     last = present[-1]
     if len(present) == 1:
         return last
-    return replace(last, text="".join(d.text for d in present))
+    return replace(last, text="".join(d.text for d in present), logprobs=[e for d in present for e in d.logprobs])
 
 
 async def _drain(steps: AsyncIterator[Any]) -> None:

@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -26,7 +26,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.batch_state import BatchState
-from serving.params import Completion, Delta, GenerationError, SamplingParams
+from serving.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
+from serving.logprobs import apply_penalties, prompt_logprobs, step_logprobs
+from serving.params import Completion, Delta, GenerationError, SamplingParams, TokenLogprob
 from serving.sampling import row_key, sample, uniform
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class _Row:
     cancel: Optional[threading.Event] = None  # set when the client went away: the row leaves
     fault: bool = False  # test-only: sampling this row raises (see TEST_FAULT_ENV)
     error: Optional[str] = None  # why this row failed
+    lp: list[TokenLogprob] = field(default_factory=list)  # one per completion token, if asked
+    lp_sent: int = 0  # entries of lp already handed out
+    prompt_lp: Optional[list[TokenLogprob]] = None  # the prompt's tokens scored (echo), if asked
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -104,6 +109,14 @@ class Engine:
         self.model.eval()
         self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
         self.pad_token_id: int = self.tokenizer.pad_token_id
+        vocab = self.tokenizer.get_vocab()
+        # fim.json with fim_rate > 0: the model can infill (a `suffix`); None otherwise.
+        self.fim = read_fim(path, vocab)
+        # A completion ends at end-of-text or any FIM sentinel (<fim_pad> ends a middle), and
+        # never contains one.
+        self.sentinel_ids = {i for i in (vocab.get(t) for t in SENTINELS) if i is not None}
+        self.vocab_size: int = len(self.tokenizer)
+        self._pieces: dict[int, str] = {}
         cfg = self.model.config
         self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
@@ -112,17 +125,26 @@ class Engine:
 
     # ---- prompt handling -------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
-        """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit."""
+    def encode_prompt(self, prompt: "str | Sequence[int] | Infill", max_new_tokens: int) -> tuple[list[int], bool]:
+        """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit.
+        A prompt may be text, token ids, or an Infill (prefix + suffix: the FIM prompt)."""
         if not 1 <= max_new_tokens <= self.context_length - 1:
             raise ValueError(f"max_new_tokens must be in [1, {self.context_length - 1}]")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         budget = self.context_length - max_new_tokens
+        if isinstance(prompt, Infill):
+            if self.fim is None:
+                raise NoInfill(f"model {self.model_name!r} was trained without fill-in-the-middle "
+                               "(no fim.json with fim_rate > 0): it cannot complete with a suffix")
+            return fim_prompt_ids(self._encode(prompt.prefix), self._encode(prompt.suffix), self.fim, budget)
+        ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) > budget:
             return ids[-budget:], True
         if not ids:  # only possible for "" which the API rejects; keep the loop well-defined
             ids = [self.eos_token_id if self.eos_token_id is not None else self.pad_token_id]
         return ids, False
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -142,10 +164,14 @@ class Engine:
             if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
                 raise ValueError(f"invalid sampling parameters {p}")
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
+            if len(ids) + p.max_new_tokens > self.context_length:  # a FIM prompt is never under 3 tokens
+                p = replace(p, max_new_tokens=max(1, self.context_length - len(ids)))
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
             rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
                              incremental=inc, cancel=stop,
-                             fault=bool(self._fault_marker and self._fault_marker in prompt)))
+                             fault=bool(self._fault_marker and isinstance(prompt, str) and self._fault_marker in prompt)))
+            if p.prompt_logprobs is not None:
+                rows[-1].prompt_lp = prompt_logprobs(self.model, ids, p.prompt_logprobs, self.piece)
             encoded.append(ids)
         return rows, encoded
 
@@ -193,12 +219,18 @@ class Engine:
                     next_ids.append(self.pad_token_id)
         t1 = time.perf_counter()
         deltas: list[Optional[Delta]] = []
-        for row, token in zip(rows, next_ids):
+        try:
+            entries = step_logprobs(logits, [r.params for r in rows], next_ids, self.piece)
+        except Exception:  # only rows that asked for logprobs can fail here; they fail below
+            entries = [None] * len(rows)
+        for row, token, entry in zip(rows, next_ids, entries):
             if row.done:  # failed while sampling
                 deltas.append(self._failure(row))
                 continue
             try:
-                deltas.append(self._advance(row, token))
+                if row.params.logprobs is not None and entry is None:
+                    raise RuntimeError("computing logprobs failed")
+                deltas.append(self._advance(row, token, entry))
             except Exception as e:
                 self._fail(row, e)
                 deltas.append(self._failure(row))
@@ -211,6 +243,7 @@ class Engine:
         """Next token per row: argmax for temperature 0, else seeded top-k / top-p sampling (sampling.py)."""
         if self._fault_marker and any(row.fault for row in rows):
             raise RuntimeError("injected test fault (" + TEST_FAULT_ENV + ")")
+        logits = apply_penalties(logits, [r.params for r in rows], [r.tokens for r in rows])
         choice = logits.argmax(dim=-1)
         sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
         if not sampled:
@@ -232,15 +265,17 @@ class Engine:
     def _failure(row: _Row) -> Delta:
         return Delta("", True, "error", row.prompt_tokens, row.generated, row.truncated, error=row.error)
 
-    def _advance(self, row: _Row, token: int) -> Optional[Delta]:
+    def _advance(self, row: _Row, token: int, entry: Optional[TokenLogprob] = None) -> Optional[Delta]:
         """Append a token to a row; return the text it may release now, and the verdict if done."""
         p = row.params
         reason: Optional[str] = None
         row.generated += 1
-        if self.eos_token_id is not None and token == self.eos_token_id:
-            reason = "eos"  # the eos token itself is not part of the completion
+        if token == self.eos_token_id or token in self.sentinel_ids:
+            reason = "eos"  # end-of-text / a FIM sentinel is not part of the completion
         else:
             row.tokens.append(token)
+            if entry is not None:
+                row.lp.append(entry)
         if not (row.incremental or p.stop or reason or row.generated >= p.max_new_tokens):
             return None  # nothing to show or check yet: skip decoding
         text = self._decode(row.tokens)
@@ -255,7 +290,9 @@ class Engine:
         if reason is not None:
             row.done = True
             new, row.emitted = text[row.emitted:], len(text)
-            return Delta(new, True, reason, row.prompt_tokens, row.generated, row.truncated)
+            return Delta(new, True, reason, row.prompt_tokens, row.generated, row.truncated,
+                         logprobs=self._release(row, len(text), everything=reason != "stop"),
+                         prompt_logprobs=row.prompt_lp)
         # Hold back what may still change: a half-decoded UTF-8 character, or a tail that
         # could be the start of a stop string (the client must never see a stop string).
         safe = len(text)
@@ -270,26 +307,55 @@ class Engine:
         if safe <= row.emitted:
             return None
         new, row.emitted = text[row.emitted:safe], safe
-        return Delta(new)
+        return Delta(new, logprobs=self._release(row, safe))
+
+    def _release(self, row: _Row, upto: int, everything: bool = False) -> list[TokenLogprob]:
+        """The logprob entries of the tokens whose text starts before character `upto` of the
+        completion (all of them when the row ended other than by a stop string)."""
+        if not row.lp:
+            return []
+        end = len(row.lp)
+        if not everything:
+            end = row.lp_sent
+            while end < len(row.lp) and len(self._decode(row.tokens[:end])) < upto:
+                end += 1
+        out, row.lp_sent = row.lp[row.lp_sent:end], max(row.lp_sent, end)
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._decode(list(ids))
+
+    def piece(self, token: int) -> str:
+        """A token's text on its own (cached: logprobs name every alternative by its text)."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self._decode([token])
+        return text
 
     # ---- conveniences ----------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Completion]:
         """Run a batch to the end and collect each request's completion."""
         texts = [""] * len(prompts)
+        lps: list[list[TokenLogprob]] = [[] for _ in prompts]
         final: list[Optional[Delta]] = [None] * len(prompts)
         for step in self.stream_batch(prompts, params, incremental=[False] * len(prompts)):
             for i, d in enumerate(step):
                 if d is not None:
                     texts[i] += d.text
+                    lps[i] += d.logprobs
                     if d.finished:
                         final[i] = d
         out = []
-        for t, d in zip(texts, final):
+        for t, d, lp in zip(texts, final, lps):
             assert d is not None
             if d.error:
                 raise GenerationError(d.error)
-            out.append(Completion(t, d.finish_reason or "length", d.prompt_tokens, d.completion_tokens, d.truncated))
+            out.append(Completion(t, d.finish_reason or "length", d.prompt_tokens, d.completion_tokens, d.truncated,
+                                  logprobs=lp, prompt_logprobs=d.prompt_logprobs))
         return out
 
     def complete(self, prompt: str, **kw) -> Completion:

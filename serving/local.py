@@ -7,7 +7,7 @@ batch; the Serve deployment (serving/deployment.py) is what production runs.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from serving.engine import Engine
 from serving.params import Delta, SamplingParams
@@ -18,11 +18,14 @@ class LocalBackend:
         self.engine = engine
         self.model_name = engine.model_name
         self.context_length = engine.context_length
+        self.vocab_size = engine.vocab_size
+        self.can_infill = engine.fim is not None
+        self.tokenize, self.detokenize = engine.tokenize, engine.detokenize
 
     def ready(self) -> bool:
         return True
 
-    async def stream(self, prompt: str, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: Any, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
         steps = self.engine.stream_batch([prompt], [params], incremental=[incremental])
         while True:
             # A worker thread per step keeps the event loop free, as in the deployment.

@@ -7,7 +7,7 @@ defaults) for the service and the evaluation alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -21,6 +21,22 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None  # same prompt + params + seed -> same completion, whatever shares the batch
+    # OpenAI legacy-API extras (app/openai_completions.py):
+    logprobs: Optional[int] = None  # report each new token's logprob and this many alternatives
+    prompt_logprobs: Optional[int] = None  # the same for the prompt's tokens (`echo`)
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated
+    frequency_penalty: float = 0.0  # subtracted once per time it has been generated
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a completion (or prompt) with its log-probability under the model
+    (the raw distribution, before temperature/top-p/penalties, as vLLM reports it)."""
+
+    id: int
+    token: str  # its text on its own (a byte-level piece may be a partial character)
+    logprob: Optional[float]  # None for a prompt's first token: nothing predicts it
+    top: Optional[dict[str, float]] = None  # the most likely alternatives (+ the token itself)
 
 
 @dataclass
@@ -34,6 +50,8 @@ class Delta:
     completion_tokens: int = 0
     truncated: bool = False
     error: Optional[str] = None  # set with finish_reason "error": this request failed, alone
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens behind `text` (if asked)
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # on the final Delta, if asked
 
 
 @dataclass
@@ -43,6 +61,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     truncated: bool
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
 
 
 class GenerationError(RuntimeError):

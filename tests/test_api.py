@@ -86,7 +86,7 @@ def test_openai_stream_with_usage(client, engine):
     ("/complete", {"json": {"prompt": "x", "bogus": 1}}, 422, "bogus"),
     ("/complete", {"json": {"prompt": "x" * (MAX_BODY_BYTES + 1)}}, 413, "body"),
     ("/v1/completions", {"json": {"model": "other", "prompt": "x"}}, 404, "model"),
-    ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "echo": True}}, 422, "echo"),
+    ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "logit_bias": {"1": 1.0}}}, 422, "logit_bias"),
     ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "max_tokens": 500}}, 422, "max_tokens"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(client, engine, path, kwargs, status, field):

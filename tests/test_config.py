@@ -39,6 +39,8 @@ def test_flags_override_preset_and_coerce_types():
     (["--n-embd", "100", "--n-head", "3"], "model.n_embd"),
     (["--num-workers", "0"], "train.num_workers"),
     (["--valid-fraction", "1.5"], "data.valid_fraction"),
+    (["--fim-rate", "1.5"], "data.fim_rate"),
+    (["--fim-spm-rate", "-0.1"], "data.fim_spm_rate"),
     (["--deepspeed-config", "no/such/file.json"], "train.deepspeed_config"),
     (["--tokenizer", "no/such/dir"], "data.tokenizer"),
     (["--precision", "fp8"], "train.precision"),

@@ -72,12 +72,15 @@ def expected_chunks(texts: dict[str, str], tok, valid_fraction: float, mode: str
     return {k: Counter(v) for k, v in out.items()}
 
 
-def read_chunks(folder: Path) -> Counter:
+def read_chunks(folder: Path, with_labels: bool = False) -> Counter:
     rows: list = []
     for f in sorted(folder.glob("*.parquet")):
         t = pq.read_table(f)
         assert t.column_names == ["input_ids", "labels"]
         ids = t.column("input_ids").to_pylist()
+        if with_labels:
+            rows += zip(map(tuple, ids), map(tuple, t.column("labels").to_pylist()))
+            continue
         assert ids == t.column("labels").to_pylist()
         assert all(len(r) == CTX for r in ids)
         rows += map(tuple, ids)
@@ -120,6 +123,30 @@ def test_given_tokenizer_and_rerun_give_the_same_split_and_chunks(prepared, corp
                               tokenizer_actors=2))  # 2 actors on 2 logical CPUs: must not stall
     assert read_chunks(second.train_dir) == read_chunks(prepared.train_dir)
     assert read_chunks(second.valid_dir) == read_chunks(prepared.valid_dir)
+
+
+@pytest.mark.timeout(240)
+def test_fim_rewrites_train_chunks_in_the_ray_stage_exactly_as_the_pure_transform(prepared, corpus, tmp_path):
+    """fim_rate 0.5 with the same tokenizer: each train chunk is the seeded pure transform
+    of the left-to-right chunk (labels -100 on <fim_pad>), validation stays left to right."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from training.data.fim import codec_from_file, fim_chunks
+
+    fim = prepare_data(job(tmp_path / "fim", corpus=str(corpus), tokenizer=str(prepared.tokenizer_dir),
+                           fim_rate=0.5, fim_spm_rate=0.5, fim_seed=3))
+    assert read_chunks(fim.valid_dir) == read_chunks(prepared.valid_dir)
+    tj = str(prepared.tokenizer_dir / "tokenizer.json")
+    enc = Tokenizer.from_file(tj)
+    codec, ids = codec_from_file(tj, lambda s: enc.encode(s, add_special_tokens=False).ids)
+    plain = np.array(sorted(read_chunks(prepared.train_dir).elements()), dtype=np.int32)
+    inputs, labels = fim_chunks(plain, 3, codec, ids, 0.5, 0.5)
+    expected = Counter(zip(map(tuple, inputs.tolist()), map(tuple, labels.tolist())))
+    assert read_chunks(fim.train_dir, with_labels=True) == expected
+    rewritten = sum(r[0] == ids.prefix for r in inputs)
+    assert 0.25 * len(plain) < rewritten < 0.75 * len(plain)
+    assert fim.stats["fingerprint"] != prepared.stats["fingerprint"]
 
 
 @pytest.mark.timeout(240)
@@ -210,3 +237,13 @@ def test_corpus_without_a_full_chunk_fails_naming_the_length(tmp_path):
         (src / f"m{i}.py").write_text(f"x{i} = {i}\nprint(x{i})\n" * 3)
     with pytest.raises(ConfigError, match="no full 128-token chunk"):
         prepare_data(job(tmp_path / "out", corpus=str(src), vocab_size=300, valid_fraction=0.0))
+
+
+def test_fim_with_a_tokenizer_without_the_sentinels_fails_naming_them(corpus, tmp_path):
+    from training.tokenizer import save_tokenizer, train_tokenizer
+
+    old = save_tokenizer(train_tokenizer([p.read_text() for p in stdlib_files(5)], vocab_size=300, fim_tokens=False),
+                         tmp_path / "old_tok")
+    with pytest.raises(ConfigError, match=r"data.tokenizer=.*<fim_prefix>.*data.fim_rate=0.5"):
+        prepare_data(job(tmp_path / "out", corpus=str(corpus), tokenizer=str(old), fim_rate=0.5))
+    assert not (tmp_path / "out" / "data" / "train").exists()  # nothing written

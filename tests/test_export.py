@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,8 +38,12 @@ def test_export_from_a_ray_checkpoint_gives_a_folder_pipeline_loads(tiny_checkpo
     shutil.copytree(tiny_checkpoint, ckpt_dir / "checkpoint")
     for f in ("tokenizer.json", "tokenizer_config.json"):  # training checkpoints carry no tokenizer
         (ckpt_dir / "checkpoint" / f).unlink(missing_ok=True)
-    out = export_model(ray.train.Checkpoint.from_directory(str(ckpt_dir)), tiny_checkpoint, tmp_path / "model")
+    out = export_model(ray.train.Checkpoint.from_directory(str(ckpt_dir)), tiny_checkpoint, tmp_path / "model",
+                       fim_rate=0.5, fim_spm_rate=0.25)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    fim = json.loads((out / "fim.json").read_text())  # the service reads whether it can infill
+    assert fim["fim_rate"] == 0.5 and fim["fim_spm_rate"] == 0.25 and fim["format"] == "starcoder"
+    assert fim["tokens"]["middle"] == "<fim_middle>"
     assert (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.config.n_positions == 128

@@ -87,27 +87,17 @@ def test_program_puts_the_tests_after_the_completion():
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
     """The project's FastAPI app (app.api) with the real Engine, under uvicorn on 127.0.0.1."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     try:
         from app.api import build_app
         from serving.engine import Engine
         from serving.local import LocalBackend
     except ImportError as e:  # the serving helper's modules are not there yet
         pytest.skip(f"serving app not available: {e}")
-    from conftest import free_port
+    from conftest import uvicorn_server
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(LocalBackend(Engine(tiny_checkpoint)), api_key="k3y"),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_server(build_app(LocalBackend(Engine(tiny_checkpoint)), api_key="k3y")) as url:
+        yield url
 
 
 @pytest.mark.timeout(900)  # includes building tiny_checkpoint when first

@@ -55,17 +55,19 @@ def test_complete_request_accepts_int_for_float():
     ({"model": "m", "prompt": []}, "prompt"),
     ({"model": "m", "prompt": ["a", "x" * (MAX_PROMPT_CHARS + 1)]}, "prompt"),
     ({"model": "m", "prompt": "x", "stop": ""}, "stop"),
-    # Fields this server cannot honour: only their neutral value, as the schema says.
-    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "m", "prompt": [1, "a"]}, "prompt"),  # token ids and text do not mix
+    ({"model": "m", "prompt": [[1], []]}, "prompt"),
+    ({"model": "m", "prompt": [-1]}, "prompt"),
     ({"model": "m", "prompt": "x", "echo": 0}, "echo"),  # 0 == False in Python, not in JSON
-    ({"model": "m", "prompt": "x", "logprobs": 3}, "logprobs"),
-    ({"model": "m", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"model": "m", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    # The one field this server cannot honour: only its neutral value, as the schema says.
     ({"model": "m", "prompt": "x", "logit_bias": {"1": 2.0}}, "logit_bias"),
-    ({"model": "m", "prompt": [1, 2]}, "prompt"),  # token-id prompts are not supported
     ({"model": "m", "prompt": "x", "n": 0}, "n"),
     ({"model": "m", "prompt": "x", "n": 99}, "n"),
     ({"model": "m", "prompt": "x", "temperature": 2.5}, "temperature"),
-    ({"model": "m", "prompt": "x", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+    ({"model": "m", "prompt": "x", "stop": ["1", ""]}, "stop"),
+    ({"model": "m", "prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
     ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
     ({"model": "m", "prompt": "x", "functions": []}, "functions"),
 ])
@@ -79,6 +81,11 @@ def test_openai_neutral_fields():
     ok = CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"], "stop": "\n", "echo": False,
                                            "logprobs": None, "frequency_penalty": 0, "user": "u"})
     assert ok.stops() == ["\n"] and ok.prompts() == ["a", "b"]
+    # The legacy API in full (app/openai_completions.py).
+    full = CompletionRequest(model="m", prompt=[[1, 2], [3]], echo=True, logprobs=3, presence_penalty=0.5,
+                             stop=[str(i) for i in range(40)], suffix="x", best_of=2)
+    assert full.prompts() == [[1, 2], [3]] and len(full.stops()) == 40
+    assert CompletionRequest(model="m", prompt=[5, 6]).prompts() == [[5, 6]]
 
 
 def test_what_the_schema_allows_is_accepted():

@@ -87,6 +87,17 @@ class DataConfig:
     batch_rows: int = 64
     """Files per `map_batches` batch in the tokenizing stage."""
 
+    fim_rate: float = 0.0
+    """Fraction of training chunks rewritten for fill-in-the-middle (prefix/suffix/middle with
+    the <fim_*> sentinels, StarCoder's format). 0: left to right only (the seed's data); the
+    presets use 0.5 (Bavarian et al. 2022). Validation chunks always stay left to right."""
+
+    fim_spm_rate: float = 0.5
+    """Of the FIM chunks, the fraction in SPM order (suffix first) rather than PSM."""
+
+    fim_seed: int = 0
+    """Seed of the FIM draws; with the chunk's content it fixes each chunk's split."""
+
 
 @dataclass
 class ModelConfig:
@@ -253,6 +264,8 @@ class JobConfig:
         _check(d.max_files is None or d.max_files > 0, "data.max_files", d.max_files, "must be > 0")
         _check(d.tokenizer_actors >= 1, "data.tokenizer_actors", d.tokenizer_actors, "must be >= 1")
         _check(d.batch_rows >= 1, "data.batch_rows", d.batch_rows, "must be >= 1")
+        _check(0.0 <= d.fim_rate <= 1.0, "data.fim_rate", d.fim_rate, "must be in [0, 1]")
+        _check(0.0 <= d.fim_spm_rate <= 1.0, "data.fim_spm_rate", d.fim_spm_rate, "must be in [0, 1]")
         _check(d.tokenizer_train_files >= 1, "data.tokenizer_train_files", d.tokenizer_train_files, "must be >= 1")
         _check(all(isinstance(k, str) and k.strip() for k in d.keywords), "data.keywords", d.keywords, "must be non-empty strings")
         if d.tokenizer is not None:

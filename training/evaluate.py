@@ -6,6 +6,9 @@
 - `--humaneval`: HumanEval pass@1/10/100, samples generated on Ray actors (or by a running
   server with `--endpoint URL`), each executed in a sandboxed child process. Generated code is
   never executed without this flag.
+- `--infilling single-line|multi-line|random-span|random-span-light`: HumanEval-infilling
+  pass@k (sandboxed, like --humaneval; the sampling flags apply) and, for single-line, exact
+  match; middles from the service's engine in this process (or `--endpoint URL` with `suffix`).
 - `--report DIR`: eval.json + report.md beside published anchors (+ the run's loss curve).
 
 Prints the results as JSON and writes them to `--json` (default: REPORT/eval.json or ./eval.json).
@@ -53,12 +56,15 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ppl.add_argument("--no-perplexity", action="store_true", help="skip the loss/perplexity job")
     he = ap.add_argument_group("HumanEval")
     he.add_argument("--humaneval", action="store_true", help="run HumanEval (executes generated code, sandboxed)")
+    he.add_argument("--infilling", choices=("single-line", "multi-line", "random-span", "random-span-light"),
+                    help="run a HumanEval-infilling benchmark (fill-in-the-middle; executes code, sandboxed)")
     he.add_argument("--n", type=int, default=1, help="samples per problem (200 for the paper's pass@100)")
     he.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     he.add_argument("--top-p", type=float, default=0.95)
     he.add_argument("--max-new-tokens", type=int,
                     help="tokens per completion (default: 256, at most half the model's context)")
-    he.add_argument("--problems", type=int, help="only the first N problems (quick runs)")
+    he.add_argument("--problems", "--limit", dest="problems", type=int,
+                    help="only the first N problems (quick runs)")
     he.add_argument("--task-ids", help="comma-separated task ids, e.g. HumanEval/0,HumanEval/7")
     he.add_argument("--seed", type=int, default=0)
     he.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per sample")
@@ -76,8 +82,8 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error("give --checkpoint DIR or --endpoint URL")
     if args.checkpoint and args.endpoint:
         ap.error("give --checkpoint or --endpoint, not both")
-    if args.endpoint and not args.humaneval:
-        ap.error("--endpoint evaluates HumanEval only: add --humaneval")
+    if args.endpoint and not (args.humaneval or args.infilling):
+        ap.error("--endpoint evaluates HumanEval only: add --humaneval or --infilling")
     if args.endpoint and not args.endpoint.startswith(("http://", "https://")):
         ap.error(f"--endpoint {args.endpoint!r}: must be an http(s) URL")
     for name in ("n", "workers", "batch_size", "memory_mb", "max_files", "max_chunks", "problems",
@@ -171,16 +177,17 @@ def run_perplexity(checkpoint: Path, run: Optional[Path], args: argparse.Namespa
             "chunking": d.chunking}
 
 
-def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[str, Any]:
+def _task_ids(args: argparse.Namespace) -> Optional[list[str]]:
+    return [t.strip() for t in args.task_ids.split(",") if t.strip()] if args.task_ids else None
+
+
+def _generation_budget(args: argparse.Namespace, checkpoint: Optional[Path], default: int) -> tuple[Optional[str], int]:
+    """(API key for --endpoint, tokens per completion): --max-new-tokens or `default`, at most
+    half the model's context (from the checkpoint, or from the server's /v1/models card)."""
     import os
 
-    from training.eval.generation import (SamplingParams, generate_with_endpoint, generate_with_ray,
-                                          prompts_of, served_model)
-    from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
-    from training.eval.sandbox import Limits, network_namespace_available
+    from training.eval.generation import served_model
 
-    task_ids = [t.strip() for t in args.task_ids.split(",") if t.strip()] if args.task_ids else None
-    problems = load_problems(limit=args.problems, task_ids=task_ids)
     api_key = args.api_key or os.environ.get("COMPLETE_API_KEY") or None
     if checkpoint is not None:
         ctx = int(model_config(checkpoint)["n_positions"])
@@ -188,9 +195,19 @@ def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
         card = served_model(args.endpoint, api_key)
         args.model_name = args.model_name or str(card["id"])
         ctx = int(card.get("max_model_len") or 2048)
-    max_new = args.max_new_tokens or min(256, ctx // 2)
+    max_new = args.max_new_tokens or min(default, ctx // 2)
     if max_new >= ctx:
         raise EvalError(f"--max-new-tokens {max_new} must be below the model's context ({ctx})")
+    return api_key, max_new
+
+
+def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[str, Any]:
+    from training.eval.generation import SamplingParams, generate_with_endpoint, generate_with_ray, prompts_of
+    from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
+    from training.eval.sandbox import Limits, network_namespace_available
+
+    problems = load_problems(limit=args.problems, task_ids=_task_ids(args))
+    api_key, max_new = _generation_budget(args, checkpoint, default=256)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
                             seed=args.seed, stop=STOP_SEQUENCES)
     t0 = time.time()
@@ -213,6 +230,40 @@ def run_humaneval(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[
     return out
 
 
+def run_infilling(args: argparse.Namespace, checkpoint: Optional[Path]) -> dict[str, Any]:
+    from training.eval.generation import SamplingParams, generate_with_endpoint
+    from training.eval.humaneval import score
+    from training.eval.infilling import cut_for, exact_match, generate_with_engine, load_problems, stops_for
+    from training.eval.sandbox import Limits
+
+    problems = load_problems(args.infilling, limit=args.problems, task_ids=_task_ids(args))
+    api_key, max_new = _generation_budget(args, checkpoint, default=64 if args.infilling == "single-line" else 128)
+    stops = stops_for(args.infilling)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=max_new,
+                            seed=args.seed, stop=stops)
+    t0 = time.time()
+    truncated = 0
+    if checkpoint is not None:
+        completions, truncated = generate_with_engine(checkpoint, problems, params, args.n,
+                                                      batch_size=args.batch_size)
+    else:
+        completions = generate_with_endpoint(args.endpoint, {p["task_id"]: p["prompt"] for p in problems}, params,
+                                             n=args.n, model=args.model_name, api_key=api_key,
+                                             suffixes={p["task_id"]: p["suffix"] for p in problems})
+    gen_s = time.time() - t0
+    t0 = time.time()
+    result = score(problems, completions, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb),
+                   workers=args.exec_workers, cut=cut_for(args.infilling))
+    out = {"benchmark": args.infilling, **result.to_dict(with_samples=args.save_samples)}
+    if args.infilling == "single-line":
+        out["exact_match"] = exact_match(problems, completions)
+    out.update({"sampling": {"n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+                             "max_new_tokens": max_new, "seed": args.seed, "stop": list(stops)},
+                "prompts_truncated": truncated, "generation_s": round(gen_s, 2),
+                "execution_s": round(time.time() - t0, 2)})
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     checkpoint = run = None
@@ -231,6 +282,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             from training.eval.humaneval import load_problems
 
             load_problems(limit=1)  # the optional dependency is there, before any Ray work
+        if args.infilling and checkpoint is not None and not _can_infill(checkpoint):
+            raise EvalError(f"--checkpoint {args.checkpoint}: trained without fill-in-the-middle (no fim.json "
+                            "with fim_rate > 0), so --infilling cannot run; train with --fim-rate > 0")
     except (EvalError, RuntimeError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -250,6 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             results["perplexity"] = run_perplexity(checkpoint, run, args)
         if args.humaneval:
             results["humaneval"] = run_humaneval(args, checkpoint)
+        if args.infilling:
+            results["infilling"] = run_infilling(args, checkpoint)
     except (EvalError, ValueError) as e:  # ConfigError is a ValueError: a bad corpus, split...
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -272,6 +328,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(results, indent=2))
     return 0
+
+
+def _can_infill(checkpoint: Path) -> bool:
+    f = checkpoint / "fim.json"
+    try:
+        return f.is_file() and float(json.loads(f.read_text(encoding="utf-8")).get("fim_rate", 0)) > 0
+    except (OSError, ValueError):
+        return False
 
 
 def _parameter_count(checkpoint: Path) -> Optional[int]:

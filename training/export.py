@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 HF_SUBDIR = "checkpoint"  # RayTrainReportCallback.CHECKPOINT_NAME
+FIM_FILE = "fim.json"  # how the model was trained to infill; read by the service (serving/fim.py)
 
 
 def pick_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
@@ -29,6 +30,18 @@ def pick_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
 def zero_checkpoint_dir(src: Path) -> Optional[Path]:
     """The DeepSpeed checkpoint inside an HF checkpoint folder (global_stepN/ + `latest`)."""
     return src if (src / "latest").is_file() and any(src.glob("global_step*")) else None
+
+
+def fim_metadata(fim_rate: float, fim_spm_rate: float) -> dict[str, Any]:
+    from training.data.fim import FORMAT, SENTINELS
+
+    return {"fim_rate": fim_rate, "fim_spm_rate": fim_spm_rate, "format": FORMAT,
+            "tokens": dict(zip(("prefix", "middle", "suffix", "pad"), SENTINELS))}
+
+
+def write_fim_metadata(model_dir: str | Path, fim_rate: float, fim_spm_rate: float) -> Path:
+    """fim.json beside config.json: fim_rate 0 says the checkpoint cannot infill."""
+    return write_json(Path(model_dir) / FIM_FILE, fim_metadata(fim_rate, fim_spm_rate))
 
 
 def load_fp32_model(src: Path) -> Any:
@@ -57,8 +70,10 @@ def load_fp32_model(src: Path) -> Any:
     return model
 
 
-def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write config.json + fp32 model.safetensors (+ generation config) + the tokenizer to out_dir."""
+def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path,
+                 fim_rate: float = 0.0, fim_spm_rate: float = 0.5) -> Path:
+    """Write config.json + fp32 model.safetensors (+ generation config) + the tokenizer + fim.json
+    (the data's FIM rate and format) to out_dir."""
     from training.tokenizer import load_tokenizer
 
     out = Path(out_dir)
@@ -71,6 +86,7 @@ def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path
         model = load_fp32_model(src)
     model.save_pretrained(str(out), safe_serialization=True)
     load_tokenizer(tokenizer_dir).save_pretrained(str(out))
+    write_fim_metadata(out, fim_rate, fim_spm_rate)
     return out
 
 

@@ -228,7 +228,8 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         raise
 
     checkpoint, ck_metrics = pick_checkpoint(result)
-    model_dir = export_model(checkpoint, prepared.tokenizer_dir, out / "model")
+    model_dir = export_model(checkpoint, prepared.tokenizer_dir, out / "model",
+                             fim_rate=cfg.data.fim_rate, fim_spm_rate=cfg.data.fim_spm_rate)
     sample = smoke_generate(model_dir)
     events = read_metrics(out / "metrics.jsonl")
     plot_loss(events, out / "loss.png", title=f"{cfg.preset}: {plan.workers} workers, ZeRO-2")

@@ -14,17 +14,25 @@ from typing import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+# Fill-in-the-middle sentinels, StarCoder's spelling (training/data/fim.py). Always added:
+# four ids cost nothing, and a model trained with data.fim_rate 0 can later be fine-tuned
+# to infill with the same tokenizer.
+FIM_TOKENS = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int = 128) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE whose single special token is bos, eos and pad."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int = 128,
+                    fim_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE: end-of-text is bos, eos and pad; the FIM sentinels follow
+    it (fim_tokens=False: the tokenizer of earlier runs, end-of-text only)."""
+    fim = list(FIM_TOKENS) if fim_tokens else []
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=True)
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, *fim],
                             show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS,
-                                  pad_token=EOS, unk_token=EOS, model_max_length=context_length)
+                                  pad_token=EOS, unk_token=EOS, model_max_length=context_length,
+                                  additional_special_tokens=fim)
     return tok
 
 

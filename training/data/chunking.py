@@ -54,13 +54,18 @@ def _chunk(arrays: Sequence[np.ndarray], ctx: int, mode: str, eos_id: int,
 MANIFEST = pa.schema([("split", pa.string()), ("file", pa.string()), ("rows", pa.int64())])
 
 
-def chunks_to_table(chunks: np.ndarray, split: str) -> pa.Table:
-    """Arrow-native list<int32> columns; labels share input_ids' buffers (HF shifts)."""
+def chunks_to_table(chunks: np.ndarray, split: str, labels: Optional[np.ndarray] = None) -> pa.Table:
+    """Arrow-native list<int32> columns; labels share input_ids' buffers (HF shifts)
+    unless given (FIM chunks: -100 on the padding)."""
     n, ctx = chunks.shape
-    values = pa.array(np.ascontiguousarray(chunks, dtype=np.int32).reshape(-1))
     offsets = pa.array(np.arange(0, (n + 1) * ctx, ctx, dtype=np.int32))
-    ids = pa.ListArray.from_arrays(offsets, values)
-    return pa.table({"input_ids": ids, "labels": ids, "split": pa.array([split] * n, pa.string())})
+
+    def column(a: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(a, dtype=np.int32).reshape(-1)))
+
+    ids = column(chunks)
+    return pa.table({"input_ids": ids, "labels": ids if labels is None else column(labels),
+                     "split": pa.array([split] * n, pa.string())})
 
 
 class TokenizeStage:
@@ -74,7 +79,7 @@ class TokenizeStage:
 
     def __init__(self, tokenizer_file: str, context_length: int, mode: str, eos_id: int,
                  threads: Optional[int] = None, ledger: Any = None, keep_split: bool = True,
-                 actors: int = 1, write_dir: Optional[str] = None) -> None:
+                 actors: int = 1, write_dir: Optional[str] = None, fim: Optional[dict] = None) -> None:
         # Must be set before the tokenizers library builds its thread pool (first use).
         threads = threads or tokenizer_threads(actors)
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
@@ -94,6 +99,16 @@ class TokenizeStage:
         # own worker processes, which cost more than the tokenizing on 2 cores.
         self.write_dir, self.written = write_dir, 0
         self.name = f"{os.getpid()}-{os.urandom(4).hex()}"
+        # fim: {"rate", "spm_rate", "seed"}; applied to the training split only, so the
+        # validation loss stays the left-to-right loss whatever the FIM rate.
+        self.fim = fim if fim and fim.get("rate", 0) > 0 else None
+        if self.fim is not None:
+            from training.data.fim import codec_from_file
+
+            # tokenizers encodes a batch in one Rust call; tiktoken's batch call goes through a
+            # Python thread pool that costs more than its per-text calls on these short texts.
+            self.codec, self.fim_ids = codec_from_file(tokenizer_file, self.encode_one,
+                                                       self.encode if self.fast is None else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from training.data.stats import report
@@ -114,7 +129,7 @@ class TokenizeStage:
             counts[f"tokens:{split}"] += sum(len(a) for a in arrays) + extra
             counts[f"chunks:{split}"] += len(chunks)
             if len(chunks):
-                tables.append(chunks_to_table(chunks, split))
+                tables.append(self.to_table(chunks, split))
         report(self.ledger, counts)
         if self.write_dir is not None:
             return self._write(tables)
@@ -122,6 +137,15 @@ class TokenizeStage:
             tables = [chunks_to_table(np.empty((0, self.ctx), dtype=np.int32), "train")]
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         return table if self.keep_split else table.drop_columns(["split"])
+
+    def to_table(self, chunks: np.ndarray, split: str) -> pa.Table:
+        if self.fim is None or split != "train":
+            return chunks_to_table(chunks, split)
+        from training.data.fim import fim_chunks
+
+        inputs, labels = fim_chunks(chunks, self.fim["seed"], self.codec, self.fim_ids,
+                                    self.fim["rate"], self.fim["spm_rate"])
+        return chunks_to_table(inputs, split, labels)
 
     def _write(self, tables: list[pa.Table]) -> pa.Table:
         """Each split's chunks -> WRITE_DIR/<split>/<actor>-<n>.parquet; returns the manifest.
@@ -149,6 +173,11 @@ class TokenizeStage:
             # allowed_special: a literal "<|endoftext|>" in a file is the special token, as in HF.
             return self.fast.encode_batch(texts, num_threads=self.threads, allowed_special="all")
         return [e.ids for e in self.tok.encode_batch_fast(texts)]
+
+    def encode_one(self, text: str) -> list[int]:
+        if self.fast is not None:
+            return self.fast.encode(text, allowed_special="all")
+        return self.tok.encode(text, add_special_tokens=False).ids
 
 
 def usable_cores() -> int:

@@ -85,7 +85,7 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     ledger = Ledger.remote()
     ds = build_chunks([(corpus, None if valid is None else splitting.TRAIN)]
                       + ([(valid, splitting.VALID)] if valid is not None else []),
-                      out.tokenizer_dir, d, ledger=ledger, write_dir=staging_dir(out))
+                      out.tokenizer_dir, d, ledger=ledger, write_dir=staging_dir(out), fim=True)
     rows = write_splits(ds, out)
     counts = ray_get_counts(ledger)
     stats = summarize(counts, d.context_length, d.chunking)
@@ -134,6 +134,9 @@ def check_data_config(d: DataConfig) -> None:
             raise ConfigError(f"data.{name}={getattr(d, name)!r}: must be >= 1")
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction={d.valid_fraction!r}: must be in [0, 1)")
+    for name in ("fim_rate", "fim_spm_rate"):
+        if not 0.0 <= getattr(d, name) <= 1.0:
+            raise ConfigError(f"data.{name}={getattr(d, name)!r}: must be in [0, 1]")
 
 
 def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sources.Corpus]) -> str:
@@ -152,7 +155,7 @@ def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sour
 def prepare_tokenizer(d: DataConfig, corpus: sources.Corpus, tokenizer_dir: Path) -> float:
     """Load `data.tokenizer` or train one on the training split; save it under
     tokenizer_dir either way, so the run folder is self-contained. Returns seconds."""
-    from training.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from training.tokenizer import FIM_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 
     t0 = time.time()
     if d.tokenizer is not None:
@@ -162,6 +165,10 @@ def prepare_tokenizer(d: DataConfig, corpus: sources.Corpus, tokenizer_dir: Path
             raise ConfigError(f"data.tokenizer={d.tokenizer!r}: cannot load: {e}") from None
         if not tok.is_fast:
             raise ConfigError(f"data.tokenizer={d.tokenizer!r}: needs a fast (tokenizer.json) tokenizer")
+        missing = [t for t in FIM_TOKENS if t not in tok.get_vocab()]
+        if d.fim_rate > 0 and missing:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r}: has no {', '.join(missing)} token, which "
+                              f"data.fim_rate={d.fim_rate} needs; use --fim-rate 0 or a tokenizer with them")
     else:
         texts = tokenizer_sample(d, corpus)
         if not texts:
@@ -249,8 +256,10 @@ def cpu_plan(actors: int) -> float:
 
 def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_dir: Path, d: DataConfig,
                  ledger: Any = None, keep_split: bool = True, only_split: Optional[str] = None,
-                 write_dir: Optional[Path] = None) -> Any:
+                 write_dir: Optional[Path] = None, fim: bool = False) -> Any:
     """The lazy Dataset of chunks. inputs: (corpus, forced split or None for the hash split).
+    fim: rewrite training-split chunks for fill-in-the-middle (data.fim_rate); evaluation
+    streams (chunk_dataset) stay left to right.
     With write_dir, the tokenizer actors write the chunks there as Parquet shards and the
     Dataset holds only their manifest (see write_splits)."""
     import ray
@@ -277,7 +286,9 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
                                "context_length": d.context_length, "mode": d.chunking,
                                "eos_id": eos_id_of(tokenizer_dir), "actors": actors,
                                "ledger": ledger, "keep_split": keep_split,
-                               "write_dir": None if write_dir is None else str(write_dir)})
+                               "write_dir": None if write_dir is None else str(write_dir),
+                               "fim": {"rate": d.fim_rate, "spm_rate": d.fim_spm_rate, "seed": d.fim_seed}
+                               if fim else None})
 
 
 def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:

@@ -129,12 +129,16 @@ def served_model(endpoint: str, api_key: Optional[str] = None, timeout_s: float 
 
 
 def complete_http(endpoint: str, prompt: str, n: int, params: SamplingParams, seed: int,
-                  model: str, api_key: Optional[str] = None, timeout_s: float = 300.0) -> list[str]:
-    """One POST /v1/completions; returns the n choice texts in index order."""
+                  model: str, api_key: Optional[str] = None, timeout_s: float = 300.0,
+                  suffix: Optional[str] = None) -> list[str]:
+    """One POST /v1/completions (with `suffix`: fill in the middle); returns the n choice
+    texts in index order."""
     url = _base_url(endpoint) + "/v1/completions"
     body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": int(params.max_new_tokens),
                             "temperature": float(params.temperature), "top_p": float(params.top_p),
                             "n": int(n), "stop": list(params.stop[:MAX_STOP_PER_REQUEST]), "seed": int(seed)}
+    if suffix is not None:
+        body["suffix"] = suffix
     payload = _http_json(url, body, api_key, timeout_s)
     choices = sorted(payload.get("choices", []), key=lambda c: c.get("index", 0))
     if len(choices) != n:
@@ -144,7 +148,8 @@ def complete_http(endpoint: str, prompt: str, n: int, params: SamplingParams, se
 
 def generate_with_endpoint(endpoint: str, prompts: dict[str, str], params: SamplingParams, n: int = 1,
                            model: Optional[str] = None, api_key: Optional[str] = None,
-                           concurrency: int = 4, n_per_request: int = N_PER_REQUEST) -> dict[str, list[str]]:
+                           concurrency: int = 4, n_per_request: int = N_PER_REQUEST,
+                           suffixes: Optional[dict[str, str]] = None) -> dict[str, list[str]]:
     """n completions per prompt from a running server, `concurrency` requests in flight.
 
     `model` None: ask the server (GET /v1/models). Seeds differ per request and are fixed by
@@ -158,7 +163,8 @@ def generate_with_endpoint(endpoint: str, prompts: dict[str, str], params: Sampl
 
     def run(job: tuple[str, int, int]) -> list[str]:
         t, n, seed = job
-        return complete_http(endpoint, prompts[t], n, params, seed, model, api_key)
+        return complete_http(endpoint, prompts[t], n, params, seed, model, api_key,
+                             suffix=suffixes.get(t) if suffixes else None)
 
     completions: dict[str, list[str]] = {t: [] for t in prompts}
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

