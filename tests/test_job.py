@@ -348,7 +348,7 @@ def test_two_workers_average_gradients_like_one_process_on_the_union_batch(small
     assert run["cpus_per_worker"] == 0.25 and run["workers"] == 2 and run["steps"] == 3
     gap = max_param_gap(out, 3)
     print(f"max parameter gap, averaging intact: {gap:.2e}")
-    assert gap < 1e-5  # fp32 reduction order only
+    assert gap < 5e-5  # fp32 reduction order only (7.8e-6 measured; broken averaging: 6e-3)
 
 
 @pytest.mark.slow
@@ -360,7 +360,7 @@ def test_the_equivalence_check_fails_when_a_rank_skips_the_reduce(small_corpus, 
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     gap = max_param_gap(out, 3)
     print(f"max parameter gap, rank 1 skips the reduce: {gap:.2e}")
-    assert gap > 1e-4
+    assert gap > 1e-3
 
 
 @pytest.mark.slow
