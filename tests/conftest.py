@@ -8,6 +8,7 @@ GPT-2 trained for a few dozen steps with plain torch, saved as a Hugging Face fo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -48,6 +49,22 @@ def uvicorn_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def local_client(engine):
+    """The FastAPI app around an in-process Engine (LocalBackend, no Ray), as a TestClient."""
+    from fastapi.testclient import TestClient
+
+    from app.api import build_app
+    from serving.local import LocalBackend
+
+    return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
+
+
+def sse_events(text: str) -> list:
+    """The `data:` events of an SSE body, JSON-decoded ("[DONE]" kept as the string)."""
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+            for line in text.splitlines() if line.startswith("data: ")]
 
 
 def stdlib_files(n: int) -> list[Path]:

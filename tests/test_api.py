@@ -5,13 +5,13 @@ The same app runs inside the Serve replica; tests/test_serving.py checks it ther
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.api import build_app
 from app.schemas import MAX_BODY_BYTES
+from conftest import local_client, sse_events
 from serving.engine import Engine
 from serving.local import LocalBackend
 
@@ -23,12 +23,7 @@ def engine(tiny_checkpoint) -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine) -> TestClient:
-    return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
-
-
-def sse_events(text: str) -> list:
-    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
-            for line in text.splitlines() if line.startswith("data: ")]
+    return local_client(engine)
 
 
 def test_complete_matches_engine(client, engine):

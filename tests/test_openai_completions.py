@@ -4,16 +4,14 @@ suffix/FIM, prompt forms, n/best_of, echo, logprobs against transformers, stream
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.api import build_app
+from conftest import local_client, sse_events
 from serving.engine import Engine
-from serving.local import LocalBackend
 
 PROMPT = "def foo(x):\n    return x"
 
@@ -25,7 +23,7 @@ def engine(tiny_checkpoint) -> Engine:
 
 @pytest.fixture(scope="module")
 def client(engine) -> TestClient:
-    return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
+    return local_client(engine)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +33,11 @@ def fim_engine(tiny_fim_checkpoint) -> Engine:
 
 @pytest.fixture(scope="module")
 def fim_client(fim_engine) -> TestClient:
-    return TestClient(build_app(LocalBackend(fim_engine)), raise_server_exceptions=False)
+    return local_client(fim_engine)
 
 
 def post(client, engine, **body):
     return client.post("/v1/completions", json={"model": engine.model_name, **body})
-
-
-def sse_events(text: str) -> list:
-    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
-            for line in text.splitlines() if line.startswith("data: ")]
 
 
 def direct_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
