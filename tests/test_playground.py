@@ -1,8 +1,9 @@
 """GET /, the playground page: served by the app, and driven in a real headless Chromium.
 
-The browser test runs against the real service (Ray head + `serving/run.py`, auth on), types a
-prompt, starts a greedy completion, waits for the streamed text and compares it with the API's
-own greedy completion for the same input. Chromium and its driver are Debian packages that
+The browser test runs against the real service (Ray head + `serving/run.py`, auth on, a
+checkpoint trained to fill in the middle), types code, puts the cursor inside it, starts a greedy
+completion, waits for the streamed text and compares it with the API's own greedy completion for
+the same prefix and suffix. Chromium and its driver are Debian packages that
 `scripts/setup.sh --dev` installs; without them the test fails and says so (it must run in CI).
 """
 
@@ -23,6 +24,7 @@ from serving.local import LocalBackend
 
 API_KEY = "playground-key-7e1"
 PROMPT = "def parse(line):\n"
+SUFFIX = "    return x\n"  # the text after the cursor: sent as `suffix` to a FIM model
 
 
 # ---- the route, in-process --------------------------------------------------------------------
@@ -73,10 +75,10 @@ def chrome(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def service(tiny_checkpoint):
+def service(tiny_fim_checkpoint):
     from tests.live_service import live_service
 
-    with live_service(tiny_checkpoint, api_key=API_KEY) as s:
+    with live_service(tiny_fim_checkpoint, api_key=API_KEY) as s:
         yield s
 
 
@@ -88,8 +90,8 @@ def test_playground_streams_the_apis_greedy_completion_in_a_real_browser(service
     from selenium.webdriver.support.ui import WebDriverWait
 
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    ref = requests.post(service.url + "/complete", json={"prompt": PROMPT, "max_new_tokens": 24, "temperature": 0},
-                        headers=auth, timeout=60).json()
+    ref = requests.post(service.url + "/complete", json={"prompt": PROMPT, "suffix": SUFFIX, "max_new_tokens": 24,
+                                                         "temperature": 0}, headers=auth, timeout=60).json()
     assert ref["completion"], ref  # something to compare with
 
     driver = chrome(tmp_path)
@@ -106,15 +108,11 @@ def test_playground_streams_the_apis_greedy_completion_in_a_real_browser(service
 
         code = find("code")
         code.clear()
-        code.send_keys(PROMPT + "    return x\n")
-        # A cursor inside the code: this model cannot infill, so the page says the text after
-        # the cursor is not sent.
-        driver.execute_script("arguments[0].setSelectionRange(17, 17); arguments[0].dispatchEvent(new Event('select'));",
-                              code)
-        assert "prefix 17 chars; the 13 chars after it are not sent (model cannot infill)" in find("split").text
-        code.clear()
-        code.send_keys(PROMPT)  # the cursor ends after the prompt: all prefix, no suffix
-        assert find("split").text.endswith("prefix 17 chars")
+        code.send_keys(PROMPT + SUFFIX)
+        # The cursor between the two: this model can infill, so the text after it is the suffix.
+        driver.execute_script("arguments[0].setSelectionRange(arguments[1], arguments[1]);"
+                              "arguments[0].dispatchEvent(new Event('select'));", code, len(PROMPT))
+        assert find("split").text.endswith(f"prefix {len(PROMPT)} chars, suffix {len(SUFFIX)} chars")
         for id_, value in (("max-new-tokens", "24"), ("temperature", "0")):
             find(id_).clear()
             find(id_).send_keys(value)
@@ -131,6 +129,8 @@ def test_playground_streams_the_apis_greedy_completion_in_a_real_browser(service
         assert find("prompt-tokens").text == str(ref["usage"]["prompt_tokens"])
         assert re.fullmatch(r"\d+ ms", find("latency").text) and re.fullmatch(r"\d+ ms", find("ttft").text)
         assert find("finish").text == ref["finish_reason"]
+        find("insert").click()  # the middle goes in at the cursor, between prefix and suffix
+        assert code.get_attribute("value") == PROMPT + ref["completion"] + SUFFIX
 
         shot = tmp_path / "playground.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
