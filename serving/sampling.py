@@ -58,7 +58,8 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     # sums of weights) off subnormal floats, which take a very slow path on CPUs.
     scaled = scaled.masked_fill(scaled < -70.0, ninf)
 
-    k = torch.tensor(list(top_k), dtype=torch.long)
+    # top_k >= vocab filters nothing; clamping first keeps any Python int (1e31 included) in int64.
+    k = torch.tensor([min(int(v), vocab) for v in top_k], dtype=torch.long)
     need_k = (k > 0) & (k < vocab)
     if bool(need_k.any()):
         kmax = int(k[need_k].max())

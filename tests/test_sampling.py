@@ -14,7 +14,7 @@ VOCAB = 1000
 TINY = 5e-324  # the smallest denormal double
 EDGES_T = [TINY, 1e-300, 1e-45, 1e-30, 1e-6, 0.5, 1.0, 2.0, 100.0, 1e30, 1e300, sys.float_info.max]
 EDGES_P = [TINY, 1e-300, 1e-45, 1e-8, 0.5, 0.95, 1.0 - 1e-16, 1.0]
-EDGES_K = [0, 1, 2, 50, VOCAB - 1, VOCAB, VOCAB + 1, 2**62]
+EDGES_K = [0, 1, 2, 50, VOCAB - 1, VOCAB, VOCAB + 1, 2**62, 2**64, 16 * 10**30]  # JSON ints are unbounded
 EDGES_U = [0.0, 0.5, 1.0 - 2**-53]
 
 
