@@ -9,9 +9,11 @@ from training.config import JobConfig
 from training.model_card import read_metadata, render, write_model_card
 
 
-def run_folder(tmp_path, tiny_checkpoint, corpus="huggingface-course/codeparrot-ds-train"):
+def run_folder(tmp_path, tiny_checkpoint, corpus="huggingface-course/codeparrot-ds-train", fim_rate=None):
     """A run folder with the files the job writes, shaped as the job writes them."""
     cfg = JobConfig.from_preset("tiny")
+    if fim_rate is not None:
+        cfg.data.fim_rate = fim_rate
     cfg.data.corpus, cfg.data.dedup, cfg.data.keywords = corpus, True, ["pandas", "sklearn"]
     out = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, out / "model")
@@ -35,11 +37,12 @@ def test_card_has_hub_metadata_and_every_section(tmp_path, tiny_checkpoint):
     meta = read_metadata(card)
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert "code" in meta["tags"] and meta["datasets"] == ["huggingface-course/codeparrot-ds-train"]
+    assert "fill-in-the-middle" in meta["tags"]  # the tiny preset trains with fim_rate 0.5
     assert meta["metrics"] == ["perplexity"]
     (result,) = meta["model-index"][0]["results"]
     assert {m["type"]: m["value"] for m in result["metrics"]} == {"loss": 3.72, "perplexity": 41.26}
     text = card.read_text()
-    for section in ("## Training data", "## Tokenizer", "## Architecture", "## Training", "## Results",
+    for section in ("## Training data", "## Tokenizer", "## Fill in the middle", "## Architecture", "## Training", "## Results",
                     "## Evaluation"):
         assert section in text
     for fact in ("exact-duplicate removal", "keyword filter (pandas, sklearn)", "too_large: 30", "vocabulary 4,096",
@@ -50,9 +53,10 @@ def test_card_has_hub_metadata_and_every_section(tmp_path, tiny_checkpoint):
 
 
 def test_a_local_corpus_is_not_claimed_as_a_hub_dataset(tmp_path, tiny_checkpoint):
-    out = run_folder(tmp_path, tiny_checkpoint, corpus=str(tmp_path))
+    out = run_folder(tmp_path, tiny_checkpoint, corpus=str(tmp_path), fim_rate=0.0)
     meta = read_metadata(write_model_card(out))
     assert "datasets" not in meta
+    assert "fill-in-the-middle" not in meta["tags"] and "it cannot fill in the middle" in render(out)
     # The card still says where the data came from.
     assert f"Corpus: `{tmp_path}`" in render(out)
 

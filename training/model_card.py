@@ -57,6 +57,8 @@ def metadata(config: dict[str, Any], run: dict[str, Any], evaluation: Optional[d
     }
     if datasets:
         meta["datasets"] = datasets
+    if float(data.get("fim_rate") or 0) > 0:
+        meta["tags"].append("fill-in-the-middle")
     metrics = ["perplexity"]
     results: list[dict[str, Any]] = []
     if run.get("final_eval_loss") is not None:
@@ -126,6 +128,7 @@ def body(config: dict[str, Any], run: dict[str, Any], stats: dict[str, Any],
          if not d.get("tokenizer") else f"Given: `{d['tokenizer']}`")
         + f"; vocabulary {_fmt(stats.get('vocab_size') or d.get('vocab_size'))}, `<|endoftext|>` as bos/eos/pad.",
         "",
+        *fim_section(d),
         "## Architecture",
         "",
         f"GPT-2 (`GPT2LMHeadModel`): {m.get('n_layer')} layers, {m.get('n_head')} heads, width {m.get('n_embd')}, "
@@ -191,6 +194,23 @@ def evaluation_section(evaluation: Optional[dict[str, Any]]) -> list[str]:
                   f"T={s.get('temperature')}, top_p={s.get('top_p')}): {ks}"]
     lines.append("")
     return lines
+
+
+def fim_section(d: dict[str, Any]) -> list[str]:
+    """Whether (and how) the model fills in the middle: editors need the format to use it."""
+    rate = float(d.get("fim_rate") or 0)
+    if rate <= 0:
+        return ["Trained left to right only: it cannot fill in the middle (a `suffix` is refused by the service).", ""]
+    return [
+        "## Fill in the middle",
+        "",
+        f"{rate:.0%} of the training chunks were rewritten to fill-in-the-middle form ({d.get('fim_spm_rate', 0.5):.0%} "
+        "of those as SPM, the rest as PSM), with StarCoder's sentinels `<fim_prefix>`, `<fim_suffix>`, "
+        "`<fim_middle>`, `<fim_pad>` as special tokens (`fim.json` beside the weights). Prompt with "
+        "`<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` and stop at `<|endoftext|>`, or send "
+        "`suffix` to the service's `/v1/completions`.",
+        "",
+    ]
 
 
 def render(run_dir: str | Path, evaluation: Optional[dict[str, Any]] = None) -> str:
