@@ -52,8 +52,10 @@ def probe_workers(workers: int, use_gpu: bool, cpus_per_worker: float, read_path
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
         Path(storage, PROBE_FILE).write_text(token)
+    # Retried when its worker process dies (a node that has only just joined can lose one while
+    # it sets up the job's runtime env); an exception inside the probe is not retried.
     task = ray.remote(_probe).options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
-                                      scheduling_strategy="SPREAD", max_retries=0)
+                                      scheduling_strategy="SPREAD", max_retries=3)
     try:
         return ray.get([task.remote(read_paths, storage, token) for _ in range(workers)])
     finally:
