@@ -140,8 +140,16 @@ class FakeAutoscalingCluster(LocalRayHead):
                 continue  # gone meanwhile, or not ours to read
         return found
 
-    def submit(self, *entrypoint: str, timeout: float = 600, working_dir: str = ".") -> subprocess.CompletedProcess:
+    def submit(self, *entrypoint: str, timeout: float = 600, working_dir: str = f"local://{REPO_ROOT}") -> subprocess.CompletedProcess:
         """As LocalRayHead.submit, but waits for the head's job agent first.
+
+        The working dir is the checkout itself, in place (`local://`), as on a cluster whose
+        nodes mount the code at one path (raycluster.yaml's /shared). An uploaded package
+        does not work on a fake cluster: its nodes share one session folder, and each node's
+        runtime-env agent deletes and re-extracts the package there when the node first uses
+        it (Ray's working_dir plugin unpacks with overwrite=True), pulling the folder from
+        under the driver and the workers already running in it (seen: a worker's `import
+        torch` failing in getcwd()).
 
         The job API answers before the head's dashboard agent has registered; a submit in
         that window fails with 'No available agent to submit job' (seen on a loaded
