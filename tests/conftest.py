@@ -61,6 +61,31 @@ def local_client(engine):
     return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
 
 
+# The in-process engine and app, one per test module (module scope, as each module had its own).
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    from serving.engine import Engine
+
+    return Engine(tiny_checkpoint, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    return local_client(engine)
+
+
+@pytest.fixture(scope="module")
+def fim_engine(tiny_fim_checkpoint):
+    from serving.engine import Engine
+
+    return Engine(tiny_fim_checkpoint, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def fim_client(fim_engine):
+    return local_client(fim_engine)
+
+
 def sse_events(text: str) -> list:
     """The `data:` events of an SSE body, JSON-decoded ("[DONE]" kept as the string)."""
     return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"

@@ -11,19 +11,8 @@ from fastapi.testclient import TestClient
 
 from app.api import build_app
 from app.schemas import MAX_BODY_BYTES
-from conftest import local_client, sse_events
-from serving.engine import Engine
+from conftest import sse_events
 from serving.local import LocalBackend
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
-
-
-@pytest.fixture(scope="module")
-def client(engine) -> TestClient:
-    return local_client(engine)
 
 
 def test_complete_matches_engine(client, engine):

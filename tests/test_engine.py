@@ -14,11 +14,6 @@ from serving.params import GenerationError, SamplingParams
 PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n    def __init__(self", "x = 1"]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
-
-
 def hf_greedy(engine: Engine, prompt: str | list[int], n: int) -> str:
     """Reference: Hugging Face's own greedy `generate` on one unpadded prompt."""
     tok = engine.tokenizer

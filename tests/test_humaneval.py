@@ -3,8 +3,6 @@ sampling from a real checkpoint (Ray actors) and from the project's real HTTP ap
 
 from __future__ import annotations
 
-import threading
-import time
 
 import pytest
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_cluster import REPO_ROOT, LocalRayHead
-from training.config import ConfigError, JobConfig
+from training.config import ConfigError
 from training.job import load_deepspeed_config
 
 RUN = [sys.executable, "training/run.py"]

@@ -8,32 +8,11 @@ import math
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from conftest import local_client, sse_events
+from conftest import sse_events
 from serving.engine import Engine
 
 PROMPT = "def foo(x):\n    return x"
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
-
-
-@pytest.fixture(scope="module")
-def client(engine) -> TestClient:
-    return local_client(engine)
-
-
-@pytest.fixture(scope="module")
-def fim_engine(tiny_fim_checkpoint) -> Engine:
-    return Engine(tiny_fim_checkpoint, num_threads=1)
-
-
-@pytest.fixture(scope="module")
-def fim_client(fim_engine) -> TestClient:
-    return local_client(fim_engine)
 
 
 def post(client, engine, **body):

@@ -19,7 +19,6 @@ from fastapi.testclient import TestClient
 
 from app.api import build_app
 from app.playground import PAGE
-from serving.engine import Engine
 from serving.local import LocalBackend
 
 API_KEY = "playground-key-7e1"
@@ -28,11 +27,6 @@ SUFFIX = "    return x\n"  # the text after the cursor: sent as `suffix` to a FI
 
 
 # ---- the route, in-process --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
 
 
 def test_page_is_served_without_auth_and_fetches_nothing_from_the_network(engine):

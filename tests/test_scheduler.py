@@ -18,11 +18,6 @@ PROMPTS = ["def foo(x):\n    return", "import os\n", "class A:\n    def __init__
            "for i in range(10):\n    print(i", "# a much longer prompt than the others, to pad\nimport sys\n" * 3]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
-
-
 def alone(engine: Engine, prompt: str, p: SamplingParams) -> str:
     return engine.generate([prompt], [p])[0].text
 

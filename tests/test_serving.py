@@ -28,7 +28,7 @@ import requests
 import yaml
 from ray import serve
 
-from serving.engine import TEST_FAULT_ENV, Engine
+from serving.engine import TEST_FAULT_ENV
 from serving.loadtest import Client, run_load, summarize
 from conftest import free_port
 
@@ -88,11 +88,6 @@ def service(tiny_checkpoint):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
 
 
 def post(url: str, path: str, body: dict, **kw) -> requests.Response:

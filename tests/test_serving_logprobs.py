@@ -13,11 +13,6 @@ from serving.params import SamplingParams
 PROMPT = "def foo(x):\n    return x"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint) -> Engine:
-    return Engine(tiny_checkpoint, num_threads=1)
-
-
 def direct(engine: Engine, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
