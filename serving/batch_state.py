@@ -13,7 +13,7 @@ computes exactly what it would compute alone, whatever shares the batch.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +45,14 @@ class BatchState:
         return cls(out.cache, attention, positions[:, -1:]), out.logits[:, -1, :].float()
 
     @torch.inference_mode()
-    def step(self, model, next_ids: Sequence[int]) -> torch.Tensor:
-        """Feed each row its newest token; return next-token logits [rows, vocab]."""
+    def step(self, model, next_ids: Sequence[int], fast: Optional[Callable] = None) -> torch.Tensor:
+        """Feed each row its newest token; return next-token logits [rows, vocab].
+        fast: the model's written-out decode step (serving/gpt2_step.py), if it has one."""
         ones = torch.ones((len(self), 1), dtype=torch.long)
         self.attention = torch.cat([self.attention, ones], dim=1)
         self.positions = self.positions + 1
+        if fast is not None:
+            return fast(torch.tensor(next_ids, dtype=torch.long), self.positions[:, 0], self.attention, self.cache)
         out = model(input_ids=torch.tensor(next_ids, dtype=torch.long)[:, None], attention_mask=self.attention,
                     position_ids=self.positions, cache=self.cache, use_cache=True)
         self.cache = out.cache

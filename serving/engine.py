@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.batch_state import BatchState
 from serving.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
+from serving.gpt2_step import decoder_for
 from serving.logprobs import apply_penalties, prompt_logprobs, step_logprobs
 from serving.params import Completion, Delta, GenerationError, SamplingParams, TokenLogprob
 from serving.sampling import row_key, sample, uniform
@@ -39,6 +40,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # while it is sampled, so tests can check one failing request leaves its batch-mates alone.
 # Unset (always, outside tests) it costs nothing.
 TEST_FAULT_ENV = "CODECOMPLETE_TEST_FAULT_MARKER"
+
+
+# Set (to anything) to decode every step through the model's own forward instead of the
+# written-out GPT-2 step: the benchmark's baseline, and a way out should the two ever differ.
+HF_DECODE_ENV = "CODECOMPLETE_HF_DECODE"
 
 
 class CheckpointError(ValueError):
@@ -107,6 +113,8 @@ class Engine:
         # use_safetensors=True: never fall back to unpickling a .bin file.
         self.model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
         self.model.eval()
+        # The decode step written out for plain GPT-2s (serving/gpt2_step.py); None: model(...).
+        self.fast_step = None if os.environ.get(HF_DECODE_ENV) else decoder_for(self.model)
         self.eos_token_id: Optional[int] = self.tokenizer.eos_token_id
         self.pad_token_id: int = self.tokenizer.pad_token_id
         vocab = self.tokenizer.get_vocab()
@@ -199,7 +207,7 @@ class Engine:
             if len(keep) < len(active):  # drop finished rows from the batch and the cache
                 state.keep(keep)
                 active, next_ids = [active[b] for b in keep], [next_ids[b] for b in keep]
-            logits = state.step(self.model, next_ids)
+            logits = state.step(self.model, next_ids, self.fast_step)
 
     def advance(self, rows: Sequence[_Row], logits: torch.Tensor,
                 timings: Optional[dict[str, float]] = None) -> tuple[list[int], list[Optional[Delta]], list[int]]:

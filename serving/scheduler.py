@@ -116,7 +116,7 @@ class DecodeLoop:
         engine = self.engine
         state, members, next_ids = self._drop_cancelled(state, members, next_ids)
         t0 = time.perf_counter()
-        logits = [state.step(engine.model, next_ids)] if members else []
+        logits = [state.step(engine.model, next_ids, engine.fast_step)] if members else []
         t1 = time.perf_counter()
         new, new_logits, joining = self._prefill(joining)
         t2 = time.perf_counter()
