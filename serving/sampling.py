@@ -10,6 +10,13 @@ Sampling itself is inverse-CDF over the (filtered) distribution in vocabulary or
 sort of the vocabulary unless a row asks for top-p, and then only of its top 64 (or 512)
 candidates when they hold the requested mass; only a very flat distribution sorts it all.
 
+The common editor request (top-p < 1, no top-k, a low temperature) has a nucleus of a few
+tokens. Such a row is sampled among its best NUCLEUS_CANDIDATES tokens only
+(`_sample_nucleus`): the same kept tokens, the same weights, the same cumulative sums in
+vocabulary order, so the same token as the full path, at a third of the cost. A row whose
+nucleus does not fit (or could tie beyond them) takes the full path. Either way a row's
+token depends on its own logits, parameters and draw only.
+
 Every accepted parameter value works: temperature anywhere in (0, inf) (denormals too),
 top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
 """
@@ -24,6 +31,8 @@ MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 F32_MAX = float(torch.finfo(torch.float32).max)
 TOP_P_CANDIDATES = (64, 512)  # top-p looks at this many best tokens; sorts all only if they lack the mass
+NUCLEUS_CANDIDATES = 16  # the fast path's candidates: a low-temperature nucleus fits in far fewer
+DROP_BELOW = -70.0  # scaled logits under this (weight < e^-70 of the best token) weigh 0
 
 
 def mix64(z: int) -> int:
@@ -48,15 +57,71 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
            u: Sequence[float]) -> torch.Tensor:
     """One token id per row of `logits` [rows, vocab]; all rows sample (temperature > 0)."""
     rows, vocab = logits.shape
+    nucleus = [b for b in range(rows) if top_p[b] < 1.0 and (int(top_k[b]) <= 0 or int(top_k[b]) >= vocab)]
+    if not nucleus or vocab <= NUCLEUS_CANDIDATES:
+        return _sample_full(logits, temperature, top_k, top_p, u)
+    idx = torch.tensor(nucleus)
+    out = torch.empty(rows, dtype=torch.long)
+    got = _sample_nucleus(logits[idx] if len(nucleus) < rows else logits, [temperature[b] for b in nucleus],
+                          [top_p[b] for b in nucleus], [u[b] for b in nucleus])
+    out[idx] = got
+    rest = sorted(set(range(rows)) - {b for b, t in zip(nucleus, got.tolist()) if t >= 0})
+    if rest:
+        r = torch.tensor(rest)
+        out[r] = _sample_full(logits[r], [temperature[b] for b in rest], [top_k[b] for b in rest],
+                              [top_p[b] for b in rest], [u[b] for b in rest])
+    return out
+
+
+def _scaled(logits: torch.Tensor, temperature: Sequence[float]) -> torch.Tensor:
     # Shift so the best token is exactly 0 before scaling: then no temperature, however
     # small (5e-324) or large, makes inf - inf or 0 * inf; 1/T is capped to stay finite.
     inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
     logits = logits.float()
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) * inv_t[:, None]
+    return (logits - logits.amax(dim=-1, keepdim=True)) * inv_t[:, None]
+
+
+def _sample_nucleus(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
+                    u: Sequence[float]) -> torch.Tensor:
+    """Top-p rows (no top-k) sampled among their best NUCLEUS_CANDIDATES tokens; -1 for a
+    row whose nucleus does not fit there (it takes the full path)."""
+    scaled = _scaled(logits, temperature)
+    # The row's total weight, as the full path sums it: weights under e^-70 count 0 there
+    # and cannot move a float64 total of at least 1 (the best token) here; the clamp keeps
+    # exp off subnormal floats, which take a very slow path on CPUs.
+    total = torch.exp(scaled.clamp(min=-87.0)).sum(dim=-1, dtype=torch.float64)
+    best, where = scaled.topk(NUCLEUS_CANDIDATES, dim=-1)
+    w = torch.exp(best.masked_fill(best < DROP_BELOW, float("-inf")))  # = the full path's weights
+    mass = torch.tensor(list(top_p), dtype=torch.float64) * total
+    cum = w.double().cumsum(dim=-1)
+    before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
+    n_keep = (before < mass[:, None]).sum(dim=-1).clamp(min=1)
+    floor = w.gather(1, (n_keep - 1)[:, None])
+    # The nucleus fits if its smallest weight is above the last candidate's: then no token
+    # outside the candidates (all weigh at most that) is kept, ties included.
+    fits = (n_keep < NUCLEUS_CANDIDATES) & (floor[:, 0] > w[:, -1])
+    kept = w.masked_fill(w < floor, 0.0)
+    # Vocabulary order, as the full path's cumulative sum runs (its zeros add nothing).
+    order = where.argsort(dim=-1)
+    ids, kept = where.gather(1, order), kept.gather(1, order)
+    cdf = kept.cumsum(dim=-1, dtype=torch.float64)
+    x = torch.tensor(list(u), dtype=torch.float64)[:, None] * cdf[:, -1:]
+    pos = torch.searchsorted(cdf, x, right=True).clamp(max=NUCLEUS_CANDIDATES - 1)
+    stray = kept.gather(1, pos) == 0  # u close to 1 rounding past the last kept token
+    pos = torch.where(stray, kept.argmax(dim=-1, keepdim=True), pos)
+    token = ids.gather(1, pos).squeeze(1)
+    return torch.where(fits, token, torch.full_like(token, -1))
+
+
+def _sample_full(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
+                 u: Sequence[float]) -> torch.Tensor:
+    """Any row: the whole vocabulary filtered by top-k, then top-p, then inverse-CDF."""
+    rows, vocab = logits.shape
+    scaled = _scaled(logits, temperature)
     ninf = float("-inf")
     # Below e^-70 of the best token a weight is negligible; dropping it also keeps exp (and
     # sums of weights) off subnormal floats, which take a very slow path on CPUs.
-    scaled = scaled.masked_fill(scaled < -70.0, ninf)
+    scaled = scaled.masked_fill(scaled < DROP_BELOW, ninf)
 
     # top_k >= vocab filters nothing; clamping first keeps any Python int (1e31 included) in int64.
     k = torch.tensor([min(int(v), vocab) for v in top_k], dtype=torch.long)

@@ -92,3 +92,26 @@ def test_draws_depend_on_seed_and_step_only():
     together = sample(x, temps, ks, ps, u)
     alone = [int(sample(x[i:i + 1], temps[i:i + 1], ks[i:i + 1], ps[i:i + 1], u[i:i + 1])[0]) for i in range(5)]
     assert together.tolist() == alone  # a row's token does not depend on its batch-mates
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.2, 0.8, 1.0])
+@pytest.mark.parametrize("top_p", [1e-300, 0.5, 0.9, 0.95, 0.999])
+def test_the_nucleus_fast_path_picks_the_full_paths_token(temperature, top_p):
+    """Top-p rows sampled among their best candidates give the token the full vocabulary
+    gives, for every draw; rows whose nucleus is too wide fall back and agree too."""
+    from serving.sampling import _sample_full, _sample_nucleus
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(24, VOCAB, generator=g) * torch.linspace(0.5, 12, 24)[:, None]  # flat to peaked rows
+    x[3, :20] = 9.0  # 20 tied best tokens: more than the candidates
+    fast_rows = 0
+    for step in range(40):
+        u = [uniform(row_key(r), step) for r in range(24)]
+        full = _sample_full(x, [temperature] * 24, [0] * 24, [top_p] * 24, u)
+        fast = _sample_nucleus(x, [temperature] * 24, [top_p] * 24, u)
+        mixed = sample(x, [temperature] * 24, [0] * 24, [top_p] * 24, u)
+        assert mixed.tolist() == full.tolist()
+        assert all(f in (-1, t) for f, t in zip(fast.tolist(), full.tolist()))
+        assert int(fast[3]) == -1 or top_p < 1e-200  # the tie is wider than the candidates
+        fast_rows += int((fast >= 0).sum())
+    assert fast_rows > 40 * 24 // 4  # the fast path does take most peaked rows
