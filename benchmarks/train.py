@@ -12,6 +12,8 @@ model's FLOPs per second (6 x non-position parameters + attention, per token) by
 
 Runs `--repeats` pairs (all single-process runs first: no fork after Ray starts), pairs
 them in order and prints one JSON line with every pair, the median ratio and its range.
+`--compile both` (the default) runs the distributed job eager and torch.compiled in turn,
+each against the same single-process run, so the two variants share the machine's spells.
 Timings on a shared machine move with its load: the median of paired runs is the figure.
 """
 
@@ -116,6 +118,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="precision of the distributed run (the single process stays fp32)")
+    ap.add_argument("--compile", default="both", choices=["off", "on", "both"],
+                    help="torch.compile the distributed run's model: off, on, or both in turn, each paired "
+                         "with the same single-process run (the single process stays eager)")
     ap.add_argument("--output", default=None, help="run folder (default: a temporary one)")
     ap.add_argument("--repeats", type=int, default=3, help="paired runs; the median ratio is reported")
     a = ap.parse_args()
@@ -159,36 +164,46 @@ def main() -> None:
     def mfu(tps, peak_gflops):
         return round(tps * fpt / (peak_gflops * 1e9), 4) if tps else None
 
-    pairs = []
+    variants = {"off": [False], "on": [True], "both": [False, True]}[a.compile]
+    pairs: dict[str, list] = {("compile" if c else "eager"): [] for c in variants}
     for i, single in enumerate(singles):
-        cfg.output = str(out / f"run{i}")
-        summary = run_job(cfg, prepared=prepared)
-        ends = [json.loads(x) for x in (out / f"run{i}" / "metrics.jsonl").read_text().splitlines()]
-        steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
-        pairs.append({
-            "distributed": {"tokens_per_s": steady, "mfu": mfu(steady, peak), "zero_stage": summary["zero_stage"],
-                            "final_train_loss": summary["final_train_loss"],
-                            "final_eval_loss": summary["final_eval_loss"]},
-            "single_process": {**single, "mfu": mfu(single["tokens_per_s"], peak_fp32)},
-            "ratio": round(steady / single["tokens_per_s"], 3) if steady and single["tokens_per_s"] else None,
-        })
-    ratios = sorted(p["ratio"] for p in pairs if p["ratio"])
+        for compiled in variants:  # interleaved, so a slow spell of the machine hits both alike
+            name = "compile" if compiled else "eager"
+            cfg.train.compile = compiled
+            cfg.output = str(out / f"run{i}_{name}")
+            summary = run_job(cfg, prepared=prepared)
+            ends = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+            steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
+            pairs[name].append({
+                "distributed": {"tokens_per_s": steady, "mfu": mfu(steady, peak), "zero_stage": summary["zero_stage"],
+                                "final_train_loss": summary["final_train_loss"],
+                                "final_eval_loss": summary["final_eval_loss"]},
+                "single_process": {**single, "mfu": mfu(single["tokens_per_s"], peak_fp32)},
+                "ratio": round(steady / single["tokens_per_s"], 3) if steady and single["tokens_per_s"] else None,
+            })
 
     def median(xs):
         xs = sorted(x for x in xs if x)
         return xs[len(xs) // 2] if xs else None
+
+    def summary_of(runs):
+        ratios = sorted(p["ratio"] for p in runs if p["ratio"])
+        return {
+            "median_ratio": median(ratios), "ratio_range": [ratios[0], ratios[-1]] if ratios else None,
+            "median_tokens_per_s": {"distributed": median(p["distributed"]["tokens_per_s"] for p in runs),
+                                    "single_process": median(p["single_process"]["tokens_per_s"] for p in runs)},
+            "median_mfu": {"distributed": median(p["distributed"]["mfu"] for p in runs),
+                           "single_process": median(p["single_process"]["mfu"] for p in runs)},
+            "median_final_eval_loss": median(p["distributed"]["final_eval_loss"] for p in runs),
+            "pairs": runs,
+        }
 
     print(json.dumps({
         "benchmark": "train",
         "model": f"gpt2 {cfg.model.n_layer}x{cfg.model.n_embd}, vocab {cfg.data.vocab_size}, ctx {cfg.data.context_length}",
         "steps": a.steps, "global_batch": global_batch, "tokens_per_step": global_batch * cfg.data.context_length,
         "workers": a.workers, "precision": a.precision, "repeats": a.repeats,
-        "median_ratio": median(ratios), "ratio_range": [ratios[0], ratios[-1]] if ratios else None,
-        "median_tokens_per_s": {"distributed": median(p["distributed"]["tokens_per_s"] for p in pairs),
-                                "single_process": median(p["single_process"]["tokens_per_s"] for p in pairs)},
-        "median_mfu": {"distributed": median(p["distributed"]["mfu"] for p in pairs),
-                       "single_process": median(p["single_process"]["mfu"] for p in pairs)},
-        "pairs": pairs,
+        **{name: summary_of(runs) for name, runs in pairs.items()},
         "matmul_gflops": {"fp32": round(peak_fp32, 1), "bf16": round(peak_bf16, 1) if peak_bf16 else None},
         "flops_per_token": fpt,
         "cores": os.cpu_count(),

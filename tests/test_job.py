@@ -122,9 +122,10 @@ def submit_on_plain_head(num_cpus: int, args: list[str], env: tuple[str, ...] = 
 @pytest.fixture(scope="module")
 def submitted_run(small_corpus, tmp_path_factory):
     """One 2-worker run on a plain 2-CPU head, shared by several tests: 7 steps, evaluated
-    and checkpointed every 3 (so the last step, 7, is not a multiple)."""
+    and checkpointed every 3 (so the last step, 7, is not a multiple). With --compile, so
+    everything below (ZeRO-2 shards, schedule, fp32 export) holds for the compiled model."""
     out = tmp_path_factory.mktemp("job") / "run"
-    r = submit_on_plain_head(2, tiny_args(small_corpus, out, max_steps=7, every=3))
+    r = submit_on_plain_head(2, [*tiny_args(small_corpus, out, max_steps=7, every=3), "--compile"])
     return out, r.stdout + r.stderr
 
 
@@ -197,6 +198,7 @@ def test_zero2_ran_one_optimizer_shard_per_rank_each_half_the_state(submitted_ru
     out, _ = submitted_run
     run = json.loads((out / "run.json").read_text())
     assert run["zero_stage"] == 2  # reported by the DeepSpeed engine, not read from the config
+    assert run["compiled"] is True  # likewise: the engine that ran was torch.compiled
     ckpts = sorted(p for p in Path(run["storage_path"], run["run_name"]).glob("checkpoint_*") if p.is_dir())
     shards = sorted(ckpts[-1].rglob("*optim_states.pt"))
     assert [p.name for p in shards] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
@@ -375,7 +377,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_p
     starts = [a["start_step"] for a in run["attempts"]]
     assert len(starts) == 2 and starts[0] == 0
     assert 0 < starts[1] <= 4  # from a checkpoint (2 or 4), not from scratch
-    assert run["steps"] == 6
+    assert run["steps"] == 6 and run["compiled"] is False  # eager unless --compile
     assert_servable(out / "model")
 
 

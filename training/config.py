@@ -170,6 +170,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs."""
 
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine (Inductor; needs a C++ compiler on
+    CPU workers). Pays a one-off compile per worker (~40 s for the tiny model on one core)
+    for faster steps; benchmarks/train.py measures both (docs/training.md)."""
+
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     """DeepSpeed JSON config (relative paths are taken from the repo root)."""
 

@@ -163,8 +163,10 @@ class ProgressCallback(TrainerCallback):
         if self.rank == 0:
             engine = getattr(self.trainer, "deepspeed", None) or getattr(self.trainer, "model_wrapped", None)
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+            # As the engine that runs says (accelerate calls DeepSpeedEngine.compile() for --compile).
+            compiled = bool(getattr(engine, "_is_compiled", False))
             self.emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": self.max_steps,
-                       "world_size": self.world, "zero_stage": stage})
+                       "world_size": self.world, "zero_stage": stage, "compiled": compiled})
             say(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
                 f"{self.tokens_per_step:,} tokens per step")
 

@@ -128,6 +128,7 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         deepspeed=config["deepspeed"],
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        torch_compile=bool(t.get("compile")),  # accelerate calls DeepSpeedEngine.compile()
         seed=t["seed"],
         report_to=[],  # rank 0 adds its tracker itself (training/tracking.py)
         run_name=config.get("run_name"),
