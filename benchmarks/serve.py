@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--requests-per-worker", type=int, default=3)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="replica CPUs when starting the service")
     ap.add_argument("--max-batch-size", type=int, default=64, help="rows decoding together in a replica")
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0)
     args = ap.parse_args()
 
     from serving.engine import check_checkpoint

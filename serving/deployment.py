@@ -1,11 +1,14 @@
-"""The Ray Serve deployment: one Engine per replica behind the FastAPI app, with @serve.batch.
+"""The Ray Serve deployment: one Engine per replica behind the FastAPI app.
 
-Concurrent requests queue in `_batch`; Serve hands it up to ADMIT_GROUP of them at once
-(waiting at most `batch_wait_timeout_s` after the first), and `_batch` submits them to the
-replica's DecodeLoop (scheduler.py), where they join the rows already decoding at the next
-step: continuous batching, one forward pass per step for every request in flight, up to
-`max_batch_size` rows. `_batch` is an async generator so each request gets its tokens as
-they are produced (streaming) while still sharing the batch.
+Each request submits itself to the replica's DecodeLoop (scheduler.py) and joins the rows
+already decoding at the next step: continuous batching, one forward pass per step for
+every request in flight, up to `max_batch_size` rows; requests that arrive during a step
+prefill together at the next. The loop hands each request its Deltas through an asyncio
+queue, so it streams its tokens as they are produced while sharing the batch.
+
+Why not `@serve.batch`: the loop already batches at every step, and the batcher's
+per-step plumbing (a result list for every caller, futures, a drain task per request) cost
+the event loop more than the decode step itself on a small model (docs/serving.md).
 
 The decode loop runs on its own thread: torch releases the GIL in its kernels, so the
 replica's event loop keeps accepting requests and flushing streamed tokens meanwhile.
@@ -31,14 +34,12 @@ from serving.scheduler import DecodeLoop
 from serving.service_metrics import RequestMetricsMiddleware, ServiceMetrics
 
 DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
-# @serve.batch groups what arrives within the wait into one prefill, and up to
-# CONCURRENT_GROUPS groups decode at once in the DecodeLoop (they join it at any step).
-ADMIT_GROUP = 4
-CONCURRENT_GROUPS = DEFAULT_MAX_BATCH_SIZE // ADMIT_GROUP
-# Paid once by a request that arrives alone; long enough for a burst of clients to join.
-DEFAULT_BATCH_WAIT_S = 0.005
+# How long a request that finds the loop idle waits for company (Completer._admit).
+DEFAULT_BATCH_WAIT_S = 0.0
+# A streamed request's text after the first goes out at most this often (vLLM's
+# stream_interval, in time): invisible in an editor, and a third of the chunks at c32.
+DEFAULT_STREAM_INTERVAL_S = 0.02
 DEFAULT_REPLICA_CPUS = 1.0
-_DONE = StopAsyncIteration  # @serve.batch's "this caller's stream is over" sentinel
 _NOTHING = Delta("")  # a step that released no text for a request
 
 
@@ -54,7 +55,8 @@ _NOTHING = Delta("")  # a step that released no text for a request
 @serve.ingress()
 class Completer:
     def __init__(self, checkpoint: str, model_name: Optional[str] = None, num_threads: Optional[int] = None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+                 stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S):
         threads = num_threads or _replica_cpus()
         self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
         self.engine.warmup()
@@ -66,9 +68,8 @@ class Completer:
         self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
         self.metrics = ServiceMetrics(self.model_name)  # Prometheus, via Ray's metrics agent
         self.decoder.observer = self.metrics
-        self._batch.set_max_batch_size(min(ADMIT_GROUP, max_batch_size))
-        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._drains: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
+        self._batch_wait_s = max(0.0, float(batch_wait_timeout_s))
+        self._stream_interval_s = max(0.0, float(stream_interval_s))
         # Per-request times inside the replica (sums): entry to first text, entry to the end.
         self._times = {"requests": 0, "first_s": 0.0, "total_s": 0.0}
 
@@ -76,7 +77,7 @@ class Completer:
         """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled."""
         d = self.decoder
         return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
-                "cancelled": d.cancelled, "draining": len(self._drains), **d.timings, **self._times}
+                "cancelled": d.cancelled, **d.timings, **self._times}
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
@@ -92,21 +93,43 @@ class Completer:
             raise RuntimeError("model not loaded")
 
     async def stream(self, prompt: Any, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+        """The request's Deltas as the decode loop produces them (text, then a final verdict)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
         # Set when this request ends early (client gone: Serve cancels the request, or the
         # streaming response is closed): the decode loop drops the row before its next step.
         cancel = threading.Event()
+
+        def emit(item: Any) -> None:  # on the decode thread: a step's [Delta or None], None at the end, or an error
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
         t0 = time.perf_counter()
         first: Optional[float] = None
-        steps = self._batch((prompt, params, incremental, cancel))
+        sent = t0
+        held: list[Optional[Delta]] = []  # Deltas not handed out yet
         finished = False
+        await self._admit()
+        self.decoder.submit([prompt], [params], [incremental], emit, cancel=[cancel])  # ValueError: a bad request
         try:
-            async for d in steps:
-                finished = d.finished  # before yielding: the consumer may stop at the last delta
-                if d.text or d.finished:
-                    first = first or time.perf_counter()
-                    yield d
-                if d.finished:
-                    break
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():  # this consumer fell behind: hand over several steps at once
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                held.extend(item[0] for item in items if isinstance(item, list))
+                if not finished and None in items and not any(d is not None and d.finished for d in held):
+                    raise RuntimeError("generation ended before the request finished")
+                delta = _merge(held)
+                now = time.perf_counter()
+                # The first text goes out at once; later text at most every stream_interval_s
+                # (each chunk costs the replica, the proxy and the client more than a step).
+                if delta.finished or (delta.text and (first is None or now - sent >= self._stream_interval_s)):
+                    held, sent = [], now
+                    finished = delta.finished  # before yielding: the consumer may stop at the last delta
+                    first = first or now
+                    yield delta
         finally:
             if not finished:
                 cancel.set()
@@ -114,42 +137,13 @@ class Completer:
                 self._times["requests"] += 1
                 self._times["first_s"] += (first or t0) - t0
                 self._times["total_s"] += time.perf_counter() - t0
-            # The batcher still resolves this request's next future (with StopAsyncIteration)
-            # one step later; consume it off the request path so it is not logged as lost.
-            task = asyncio.ensure_future(_drain(steps))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
 
-    @serve.batch(max_batch_size=ADMIT_GROUP, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S,
-                 max_concurrent_batches=CONCURRENT_GROUPS)
-    async def _batch(self, jobs: list[tuple[str, SamplingParams, bool, threading.Event]]) -> AsyncIterator[list[Any]]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(item: Any) -> None:  # called on the decode thread, once per step with news
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        self.decoder.submit([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs], emit,
-                            cancel=[j[3] for j in jobs])
-        finished = [False] * len(jobs)
-        while not all(finished):
-            steps = [await queue.get()]
-            while not queue.empty():  # the loop fell behind: hand over several steps at once
-                steps.append(queue.get_nowait())
-            out: list[Any] = []
-            for i in range(len(jobs)):
-                if finished[i]:
-                    out.append(_DONE)
-                    continue
-                merged = _merge([s[i] for s in steps if isinstance(s, list)])
-                out.append(merged)
-                finished[i] = merged.finished
-            yield out
-            for s in steps:
-                if isinstance(s, BaseException):
-                    raise s
-                if s is None and not all(finished):
-                    raise RuntimeError("generation ended before every request finished")
+    async def _admit(self) -> None:
+        """A request that finds the decode loop idle waits `batch_wait_timeout_s` for company,
+        so a burst prefills together (0, the default, starts it at once). A busy loop needs no
+        wait: whatever arrives during a step joins at the next one."""
+        if self._batch_wait_s > 0 and self.decoder.live_rows == 0:
+            await asyncio.sleep(self._batch_wait_s)
 
 
 def _merge(deltas: list[Optional[Delta]]) -> Delta:
@@ -161,14 +155,6 @@ def _merge(deltas: list[Optional[Delta]]) -> Delta:
     if len(present) == 1:
         return last
     return replace(last, text="".join(d.text for d in present), logprobs=[e for d in present for e in d.logprobs])
-
-
-async def _drain(steps: AsyncIterator[Any]) -> None:
-    try:
-        async for _ in steps:
-            pass
-    except Exception:
-        pass
 
 
 def _replica_cpus() -> int:
@@ -184,13 +170,14 @@ def _replica_cpus() -> int:
 def build(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import path `serving.deployment:build`).
 
-    args: checkpoint (required), model_name, num_threads, max_batch_size, batch_wait_timeout_s.
+    args: checkpoint (required), model_name, num_threads, max_batch_size, batch_wait_timeout_s,
+    stream_interval_s.
     The checkpoint is checked here, so a bad path fails the deploy with a message naming it.
     """
     args = dict(args or {})
     if "checkpoint" not in args:
         raise ValueError("args.checkpoint is required: the training run's OUTPUT/model/ folder")
-    known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s"}
+    known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown args {unknown}; known: {sorted(known)}")

@@ -31,7 +31,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--num-replicas", type=int, default=1)
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per replica (= torch threads)")
     ap.add_argument("--max-batch-size", type=int, default=64, help="rows decoding together in a replica")
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0,
+                    help="how long a request that finds the decode loop idle waits for company (0: none)")
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0,
+                    help="a streamed request's text after the first goes out at most this often (0: every step)")
     ap.add_argument("--model-name", default=None, help="name in responses and /v1/models (default: run folder)")
     args = ap.parse_args(argv)
     for name in ("num_replicas", "max_batch_size"):
@@ -39,8 +42,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 < args.port < 65536:
         ap.error("--port must be in 1..65535")
-    if args.num_cpus <= 0 or args.batch_wait_ms < 0:
-        ap.error("--num-cpus must be > 0 and --batch-wait-ms >= 0")
+    if args.num_cpus <= 0 or args.batch_wait_ms < 0 or args.stream_interval_ms < 0:
+        ap.error("--num-cpus must be > 0, --batch-wait-ms and --stream-interval-ms >= 0")
     return args
 
 
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = deploy_options(num_cpus=args.num_cpus, num_replicas=args.num_replicas, env_vars=key_env())
     app = Completer.options(**opts).bind(
         checkpoint=str(checkpoint), model_name=args.model_name, num_threads=max(1, int(args.num_cpus)),
-        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0)
+        max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000.0,
+        stream_interval_s=args.stream_interval_ms / 1000.0)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     auth = "on (Authorization: Bearer $COMPLETE_API_KEY)" if key_env() else "off"

