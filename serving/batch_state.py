@@ -13,7 +13,7 @@ computes exactly what it would compute alone, whatever shares the batch.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,10 @@ class BatchState:
 
     @classmethod
     @torch.inference_mode()
-    def prefill(cls, model, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple["BatchState", torch.Tensor]:
-        """Run the (left-padded) prompts; return their state and next-token logits [rows, vocab]."""
+    def prefill(cls, model, prompts: Sequence[Sequence[int]], pad_id: int,
+                fast: Optional[Any] = None) -> tuple["BatchState", torch.Tensor]:
+        """Run the (left-padded) prompts; return their state and next-token logits [rows, vocab].
+        fast: the model's written-out step (serving/gpt2_step.py), if it has one."""
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -41,6 +43,8 @@ class BatchState:
             attention[i, width - len(ids):] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
+        if fast is not None:
+            return cls(cache, attention, positions[:, -1:]), fast.prefill(input_ids, attention, positions, cache)
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True)
         return cls(out.cache, attention, positions[:, -1:]), out.logits[:, -1, :].float()
 

@@ -194,7 +194,7 @@ class Engine:
         the same steps but lets requests join a batch that is already decoding.
         """
         rows, encoded = self.start_rows(prompts, params, incremental)
-        state, logits = BatchState.prefill(self.model, encoded, self.pad_token_id)
+        state, logits = BatchState.prefill(self.model, encoded, self.pad_token_id, self.fast_step)
         active = list(range(len(rows)))  # batch row -> request index
         while True:
             next_ids, deltas, keep = self.advance([rows[r] for r in active], logits)

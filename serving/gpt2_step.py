@@ -55,6 +55,34 @@ class GPT2Step:
         self.act = _ACTIVATIONS[cfg.activation_function]
 
     @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                cache) -> torch.Tensor:
+        """Left-padded prompts [rows, width] into an empty DynamicCache; returns the logits of
+        each row's last column [rows, vocab] (the only ones the decode loop uses)."""
+        rows, width = input_ids.shape
+        d, h, hd = self.d, self.n_head, self.head_dim
+        x = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)  # [rows, width, d]
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        # A query sees the real tokens up to itself. A padding query would see nothing, and
+        # softmax over nothing is NaN, which would reach the cache: it sees itself instead
+        # (its output is never used, and no real token attends to it).
+        mask = (causal & attention.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool)
+        mask = mask[:, None]  # [rows, 1, width, width]
+        for i, block in enumerate(self.blocks):
+            a = F.layer_norm(x, (d,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            qkv = torch.addmm(block.attn.c_attn.bias, a.view(-1, d), block.attn.c_attn.weight)
+            q, k, v = (t.view(rows, width, h, hd).transpose(1, 2) for t in qkv.split(d, dim=1))
+            cache.update(k, v, i)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = y.transpose(1, 2).reshape(rows * width, d)
+            x = x + torch.addmm(block.attn.c_proj.bias, y, block.attn.c_proj.weight).view(rows, width, d)
+            a = F.layer_norm(x, (d,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            a = self.act(torch.addmm(block.mlp.c_fc.bias, a.view(-1, d), block.mlp.c_fc.weight))
+            x = x + torch.addmm(block.mlp.c_proj.bias, a, block.mlp.c_proj.weight).view(rows, width, d)
+        last = F.layer_norm(x[:, -1], (d,), self.ln_f.weight, self.ln_f.bias, self.eps)
+        return F.linear(last, self.head, self.head_bias).float()
+
+    @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor, cache) -> torch.Tensor:
         """ids, positions: [rows] (each row's newest token and its position id); attention:
         [rows, width] with the newest column included; cache: a DynamicCache holding `width - 1`

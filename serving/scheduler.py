@@ -158,9 +158,9 @@ class DecodeLoop:
         reaches only the group that caused it. Returns (state, logits, groups that made it)."""
         if not joining:
             return None, None, []
-        model, pad = self.engine.model, self.engine.pad_token_id
+        model, pad, fast = self.engine.model, self.engine.pad_token_id, self.engine.fast_step
         try:
-            new, logits = BatchState.prefill(model, [ids for g in joining for ids in g.encoded], pad)
+            new, logits = BatchState.prefill(model, [ids for g in joining for ids in g.encoded], pad, fast)
             return new, logits, joining
         except Exception as e:
             if len(joining) == 1:
@@ -169,7 +169,7 @@ class DecodeLoop:
         ok: list[tuple[_Group, BatchState, torch.Tensor]] = []
         for g in joining:
             try:
-                ok.append((g, *BatchState.prefill(model, g.encoded, pad)))
+                ok.append((g, *BatchState.prefill(model, g.encoded, pad, fast)))
             except Exception as e:
                 g.emit(e)
         if not ok:
