@@ -87,6 +87,14 @@ def test_training_job_trains_on_nodes_the_autoscaler_adds(autoscaling_cluster, s
     plan = re.search(r"\[job\] cluster: (\S+) CPUs, \S+ GPUs now \(max (\S+)/", logs)
     assert plan and float(plan.group(1)) < 2 and float(plan.group(2)) == MAX_WORKERS, logs[-5000:]
 
+    # The storage probe ran where the workers run, never on the 0-CPU head: it read the
+    # prepared data and the token the driver wrote under --storage-path from the added nodes.
+    probed = re.search(r"\[job\] worker probe: \d+ task\(s\) on node\(s\) (\S+(?:, \S+)*) read", logs)
+    assert probed, logs[-5000:]
+    probe_nodes = set(probed.group(1).split(", "))
+    assert probe_nodes and not probe_nodes & head, (probe_nodes, head)
+    assert probe_nodes <= {n["node_id"] for n in cluster.worker_nodes(alive_only=False)}
+
     # The autoscaler added the nodes, and the training workers ran on two of them.
     assert added_nodes(cluster) >= 2, cluster.monitor_log()[-3000:]
     workers = actors_of_class(cluster, "RayTrainWorker")

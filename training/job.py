@@ -162,6 +162,8 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     probes = watched("worker probe", t.stall_timeout, lambda: probe_workers(
         plan.workers, plan.use_gpu, plan.cpus_per_worker, [str(prepared.train_dir), str(prepared.valid_dir)], storage))
     check_probes(probes, storage, cfg.output)
+    print(f"[job] worker probe: {len(probes)} task(s) on node(s) {', '.join(sorted({p['node'] for p in probes}))} "
+          f"read the prepared data and the checkpoint storage", flush=True)
     gpus = gpu_probe(probes)
     precision = choose_precision(t.precision, plan.use_gpu, gpus)
     out.mkdir(parents=True, exist_ok=True)
