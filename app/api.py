@@ -7,10 +7,8 @@ stream of `Delta`s. Batching happens behind that interface.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional, Protocol, Union
 
