@@ -378,6 +378,28 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_p
     assert len(starts) == 2 and starts[0] == 0
     assert 0 < starts[1] <= 4  # from a checkpoint (2 or 4), not from scratch
     assert run["steps"] == 6 and run["compiled"] is False  # eager unless --compile
+    assert run["param_dtype"] == "float32"
+    assert_servable(out / "model")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_bf16_on_cpu_workers_trains_in_bf16_and_exports_fp32(small_corpus, tmp_path):
+    """--precision bf16 on CPU workers: DeepSpeed's bf16 engine (module weights bf16, fp32
+    master weights in the ZeRO-2 shards), past transformers' CUDA-only bf16 check; the export
+    is the fp32 master weights, and the model learns."""
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    r = run_cli([*tiny_args(small_corpus, out, max_steps=4, every=4), "--precision", "bf16"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    run = json.loads((out / "run.json").read_text())
+    assert run["precision"] == "bf16" and run["device"] == "cpu"
+    assert run["param_dtype"] == "bfloat16"  # what the engine trained, not what was asked
+    assert run["final_eval_loss"] < 6.9  # ln(1000)
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}
+    assert dtypes == {"torch.float32"}
     assert_servable(out / "model")
 
 

@@ -168,7 +168,9 @@ class TrainConfig:
     """Worker-group restarts (from the latest checkpoint) before the run fails."""
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs."""
+    """auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs. bf16 on CPU
+    workers runs DeepSpeed's bf16 engine (fp32 master weights): fast only on CPUs with
+    avx512_bf16 or AMX (docs/training.md)."""
 
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (Inductor; needs a C++ compiler on

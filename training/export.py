@@ -117,6 +117,7 @@ def summarize(events: list[dict[str, Any]], *, workers: int, device: str, max_st
         # as the DeepSpeed engine that ran reported it (rank 0, attempt_start), not the config file
         "zero_stage": attempts[-1].get("zero_stage") if attempts else None,
         "compiled": attempts[-1].get("compiled") if attempts else None,  # torch.compile, likewise
+        "param_dtype": attempts[-1].get("param_dtype") if attempts else None,  # the module's weights as trained
         "steps": final_step,
         "max_steps": max_steps,
         "tokens_per_step": tokens_per_step,

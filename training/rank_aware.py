@@ -165,8 +165,9 @@ class ProgressCallback(TrainerCallback):
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
             # As the engine that runs says (accelerate calls DeepSpeedEngine.compile() for --compile).
             compiled = bool(getattr(engine, "_is_compiled", False))
+            dtype = str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else None
             self.emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": self.max_steps,
-                       "world_size": self.world, "zero_stage": stage, "compiled": compiled})
+                       "world_size": self.world, "zero_stage": stage, "compiled": compiled, "param_dtype": dtype})
             say(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
                 f"{self.tokens_per_step:,} tokens per step")
 

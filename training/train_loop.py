@@ -107,7 +107,11 @@ def scratch_dir(run_name: str, rank: int) -> str:
 
 def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArguments:
     t, precision = config["train"], config["precision"]
-    return TrainingArguments(
+    # bf16 on CPU workers: transformers refuses bf16=True without a CUDA bf16 device unless
+    # use_cpu=True, and use_cpu=True makes accelerate skip DeepSpeed. DeepSpeed runs bf16 on
+    # CPUs itself, so the arguments are built fp32 and switched to bf16 after that check.
+    cpu_bf16 = precision == "bf16" and not config.get("use_gpu")
+    args = TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=t["micro_batch_size"],
         per_device_eval_batch_size=t["micro_batch_size"],
@@ -125,7 +129,7 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         save_steps=t["save_steps"],
         save_total_limit=1,  # local scratch only; Ray Train keeps the real checkpoints
         deepspeed=config["deepspeed"],
-        bf16=precision == "bf16",
+        bf16=precision == "bf16" and not cpu_bf16,
         fp16=precision == "fp16",
         torch_compile=bool(t.get("compile")),  # accelerate calls DeepSpeedEngine.compile()
         seed=t["seed"],
@@ -135,6 +139,12 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         remove_unused_columns=False,
         prediction_loss_only=True,  # eval needs the loss only: nothing else is gathered
     )
+    if cpu_bf16:
+        args.bf16 = True
+        ds = args.hf_deepspeed_config
+        ds.config["bf16"] = {**ds.config.get("bf16", {}), "enabled": True}
+        ds._dtype = torch.bfloat16
+    return args
 
 
 def shard_batches(config: dict[str, Any], rank: int, on_batch: Any) -> tuple[Any, Any]:
