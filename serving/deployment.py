@@ -119,7 +119,7 @@ class Completer:
                     if isinstance(item, BaseException):
                         raise item
                 held.extend(item[0] for item in items if isinstance(item, list))
-                if not finished and None in items and not any(d is not None and d.finished for d in held):
+                if None in items and not any(d is not None and d.finished for d in held):
                     raise RuntimeError("generation ended before the request finished")
                 delta = _merge(held)
                 now = time.perf_counter()
