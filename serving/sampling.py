@@ -13,9 +13,11 @@ candidates when they hold the requested mass; only a very flat distribution sort
 The common editor request (top-p < 1, no top-k, a low temperature) has a nucleus of a few
 tokens. Such a row is sampled among its best NUCLEUS_CANDIDATES tokens only
 (`_sample_nucleus`): the same kept tokens, the same weights, the same cumulative sums in
-vocabulary order, so the same token as the full path, at a third of the cost. A row whose
-nucleus does not fit (or could tie beyond them) takes the full path. Either way a row's
-token depends on its own logits, parameters and draw only.
+vocabulary order, so the same token as the full path. Its only pass over the vocabulary is
+a top-k: the row's total weight is bounded from the candidates rather than summed, and
+summed only for a row the bound leaves undecided. A row whose nucleus does not fit (or
+could tie beyond them) takes the full path. Either way a row's token depends on its own
+logits, parameters and draw only.
 
 Every accepted parameter value works: temperature anywhere in (0, inf) (denormals too),
 top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
@@ -84,18 +86,31 @@ def _scaled(logits: torch.Tensor, temperature: Sequence[float]) -> torch.Tensor:
 def _sample_nucleus(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
                     u: Sequence[float]) -> torch.Tensor:
     """Top-p rows (no top-k) sampled among their best NUCLEUS_CANDIDATES tokens; -1 for a
-    row whose nucleus does not fit there (it takes the full path)."""
-    scaled = _scaled(logits, temperature)
-    # The row's total weight, as the full path sums it: weights under e^-70 count 0 there
-    # and cannot move a float64 total of at least 1 (the best token) here; the clamp keeps
-    # exp off subnormal floats, which take a very slow path on CPUs.
-    total = torch.exp(scaled.clamp(min=-87.0)).sum(dim=-1, dtype=torch.float64)
-    best, where = scaled.topk(NUCLEUS_CANDIDATES, dim=-1)
+    row whose nucleus does not fit there (it takes the full path).
+
+    Only one pass touches the whole vocabulary (the top-k). The row's total weight, which
+    sets the nucleus mass, is not summed: it lies between the candidates' weight and that
+    plus (vocab - candidates) times the last candidate's weight, and when the nucleus is
+    the same at both ends it is the same for the exact total (the count of kept tokens only
+    grows with the total). Only rows where it is not sum their vocabulary."""
+    logits = logits.float()
+    vocab = logits.shape[-1]
+    raw, where = logits.topk(NUCLEUS_CANDIDATES, dim=-1)  # best first; raw[:, :1] is the row's max
+    inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
+    best = (raw - raw[:, :1]) * inv_t[:, None]  # = _scaled(logits) at these tokens, bit for bit
     w = torch.exp(best.masked_fill(best < DROP_BELOW, float("-inf")))  # = the full path's weights
-    mass = torch.tensor(list(top_p), dtype=torch.float64) * total
     cum = w.double().cumsum(dim=-1)
     before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
-    n_keep = (before < mass[:, None]).sum(dim=-1).clamp(min=1)
+    p = torch.tensor(list(top_p), dtype=torch.float64)
+    # Every other token weighs at most w[:, -1] (scaling is monotonic); the margins cover
+    # float64 rounding of the full path's 4096-term sum.
+    low = cum[:, -1] * (1 - 1e-12)
+    high = (cum[:, -1] + (vocab - NUCLEUS_CANDIDATES) * w[:, -1].double()) * (1 + 1e-12)
+    n_low, n_keep = _nucleus_size(before, p * low), _nucleus_size(before, p * high)
+    unsure = (n_low != n_keep).nonzero().squeeze(1)
+    if len(unsure):  # the tail could move these rows' nucleus: sum their whole vocabulary
+        n_keep[unsure] = _nucleus_size(before[unsure], p[unsure] * _total_weight(
+            logits[unsure], raw[unsure, :1], inv_t[unsure]))
     floor = w.gather(1, (n_keep - 1)[:, None])
     # The nucleus fits if its smallest weight is above the last candidate's: then no token
     # outside the candidates (all weigh at most that) is kept, ties included.
@@ -111,6 +126,20 @@ def _sample_nucleus(logits: torch.Tensor, temperature: Sequence[float], top_p: S
     pos = torch.where(stray, kept.argmax(dim=-1, keepdim=True), pos)
     token = ids.gather(1, pos).squeeze(1)
     return torch.where(fits, token, torch.full_like(token, -1))
+
+
+def _nucleus_size(before: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """How many of the best tokens the nucleus keeps: those whose better tokens weigh less
+    than `mass` (at least one)."""
+    return (before < mass[:, None]).sum(dim=-1).clamp(min=1)
+
+
+def _total_weight(logits: torch.Tensor, top: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+    """Each row's total weight (float64), as the full path sums it: weights under e^-70
+    count 0 there and cannot move a total of at least 1 (the best token) here; the clamp
+    keeps exp off subnormal floats, which take a very slow path on CPUs."""
+    scaled = (logits - top) * inv_t[:, None]
+    return torch.exp(scaled.clamp(min=-87.0)).sum(dim=-1, dtype=torch.float64)
 
 
 def _sample_full(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],

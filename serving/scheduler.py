@@ -58,7 +58,8 @@ class DecodeLoop:
         self.observer: Optional[Any] = None
         self._seen: tuple = (0, [], [])  # the last step's (rows, joined groups, finished rows)
         # Where the loop's time goes (seconds, cumulative): the benchmark's profile.
-        self.timings = {"prefill_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0}
+        self.timings = {"prefill_s": 0.0, "forward_s": 0.0, "sample_s": 0.0, "text_s": 0.0,
+                        "forward_cpu_s": 0.0, "sample_cpu_s": 0.0}
 
     def submit(self, prompts: Sequence[str], params: Sequence[SamplingParams],
                incremental: Sequence[bool], emit: Emit,
@@ -115,9 +116,10 @@ class DecodeLoop:
         """One step: the running rows decode a token, the joining ones prefill, all sample."""
         engine = self.engine
         state, members, next_ids = self._drop_cancelled(state, members, next_ids)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         logits = [state.step(engine.model, next_ids, engine.fast_step)] if members else []
         t1 = time.perf_counter()
+        self.timings["forward_cpu_s"] += time.thread_time() - c0
         new, new_logits, joining = self._prefill(joining)
         t2 = time.perf_counter()
         self.timings["forward_s"] += t1 - t0

@@ -94,6 +94,22 @@ def test_draws_depend_on_seed_and_step_only():
     assert together.tolist() == alone  # a row's token does not depend on its batch-mates
 
 
+def test_a_nucleus_the_tail_could_move_is_settled_by_the_whole_vocabulary():
+    """The fast path bounds a row's total weight instead of summing it; where the bound
+    leaves the nucleus open (3 best tokens, then 4,093 that together weigh more than one
+    of them), it sums that row and still answers, with the full path's token."""
+    from serving.sampling import _sample_full, _sample_nucleus
+
+    x = torch.full((2, 4096), -8.0)
+    x[:, :3] = 0.0  # weights 1, 1, 1; the tail 4093 * e^-8 = 1.37: the nucleus at p=0.5 is the 3
+    x[1, :2] = 5.0  # a peaked row beside it, which the bound settles
+    for step in range(30):
+        u = [uniform(row_key(r), step) for r in range(2)]
+        fast = _sample_nucleus(x, [1.0, 1.0], [0.5, 0.5], u)
+        assert fast.tolist() == _sample_full(x, [1.0, 1.0], [0, 0], [0.5, 0.5], u).tolist()
+        assert int(fast[0]) in (0, 1, 2) and int(fast[1]) in (0, 1)
+
+
 @pytest.mark.parametrize("temperature", [0.05, 0.2, 0.8, 1.0])
 @pytest.mark.parametrize("top_p", [1e-300, 0.5, 0.9, 0.95, 0.999])
 def test_the_nucleus_fast_path_picks_the_full_paths_token(temperature, top_p):
