@@ -11,7 +11,12 @@ against). Every row runs `--repeats` times, greedy and sampled back to back; eac
 the median over the repeats (this machine has slow spells that move one run by a third).
 
 Without --url it starts the service itself (local Ray, Serve on a free loopback port, one
-replica with --num-cpus CPUs). Without --checkpoint it uses runs/tiny/model, or, if that does
+replica with --num-cpus CPUs). With --ingress direct it starts it in Ray Serve's
+throughput-optimised mode (serving/ingress.py): the rows and targets are measured on the
+replica's own HTTP port, and every row is run a second time through the head's proxy in
+the same minute (`http_via_proxy`, and `direct_over_proxy`: the ratios, median over the
+repeats). The profile also gives the decode thread's CPU time beside its wall time (the
+difference is time it waited for a core or for the GIL). Without --checkpoint it uses runs/tiny/model, or, if that does
 not exist, builds a model of the tiny preset's shape trained for 60 steps (the JSON says
 which). Targets on 2 cores: sampled c32 tokens/s >= 90% of greedy's
 and >= 4x sampled c1 (64 tokens), >= 100 requests/s for 16-token completions at c32, time to
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 # Drop benchmarks/ from the path: a sibling script named like a stdlib module (tokenize.py)
@@ -85,7 +91,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_ms: float) -> str:
+def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_ms: float,
+                  ingress: str = "proxy") -> tuple[str, Optional[str]]:
+    """Start the service; returns (the proxy's URL, the replica's own URL with --ingress direct)."""
+    from serving.ingress import replica_urls, use_direct_ingress
+
+    if ingress == "direct":
+        use_direct_ingress()  # before Ray starts and ray.serve loads
     import ray
     from ray import serve
 
@@ -101,7 +113,8 @@ def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_m
         checkpoint=str(checkpoint), num_threads=max(1, int(num_cpus)), max_batch_size=max_batch_size,
         batch_wait_timeout_s=wait_ms / 1000)
     serve.run(app, name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    direct = replica_urls("bench", bind_host="127.0.0.1")[0] if ingress == "direct" else None
+    return f"http://127.0.0.1:{port}", direct
 
 
 def in_process(checkpoint: Path, threads: int, max_new_tokens: int, n: int) -> tuple[dict, dict]:
@@ -188,10 +201,12 @@ def profile(before: dict, after: dict, results: list, wall_s: float) -> dict:
     replica, first = d.get("total_s", 0.0) / n, d.get("first_s", 0.0) / n
     loop = {k: round(d[k], 3) for k in ("prefill_s", "forward_s", "sample_s", "text_s")}
     busy = sum(loop.values())
+    cpu = {k: round(d[k], 3) for k in ("forward_cpu_s", "sample_cpu_s") if k in d}
     return {"per_request_mean_s": {"client": round(client, 4), "http_and_proxy": round(client - replica, 4),
                                    "replica_queue_and_prefill": round(first, 4),
                                    "decode_after_first_text": round(replica - first, 4)},
             "decode_loop_s": {**loop, "idle_or_other": round(max(0.0, wall_s - busy), 3), "wall": round(wall_s, 3)},
+            "decode_thread_cpu_s": cpu,
             "steps": d.get("steps", 0), "rows_per_step": round(sum(r.completion_tokens for r in ok) / max(1, d.get("steps", 1)), 1)}
 
 
@@ -206,6 +221,9 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=64, help="rows decoding together in a replica")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=3, help="runs of every row; targets report the median")
+    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                    help="direct: Serve's throughput-optimised mode; the targets are measured on the replica's own "
+                         "port, and every row is also run through the head's proxy in the same minute")
     args = ap.parse_args()
 
     from serving.engine import check_checkpoint
@@ -219,7 +237,13 @@ def main() -> int:
         checkpoint = stand_in_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-")) / "model")
         source = "stand-in of the tiny preset's shape, trained 60 steps"
 
-    url = args.url or start_service(checkpoint, args.num_cpus, args.max_batch_size, args.batch_wait_ms)
+    via_proxy = None  # with --ingress direct: the head's proxy, measured beside the replica's port
+    if args.url:
+        url = args.url
+    else:
+        url, direct = start_service(checkpoint, args.num_cpus, args.max_batch_size, args.batch_wait_ms, args.ingress)
+        if direct:
+            url, via_proxy = direct, url
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
 
     def body(tokens: int, sampled: bool):
@@ -235,9 +259,11 @@ def main() -> int:
     stats = replica_stats if not args.url else (lambda: None)
     run_load(url, body(16, True), n_requests=8, concurrency=8, headers=headers, stream=True)  # warm the path
 
+    proxied: list[dict] = []  # per repeat, the rows through the proxy (--ingress direct)
+
     def rows() -> tuple[dict, dict]:
         """Every row once; greedy and sampled back to back, so their ratio sees the same minute."""
-        http, profiles = {}, {}
+        http, profiles, other = {}, {}, {}
         for tokens in (16, 64):
             for c in (1, 8, 32):
                 for mode in ("greedy", "sampled"):
@@ -249,6 +275,11 @@ def main() -> int:
                     http[key] = summarize(results, wall)
                     if c == 32 and before is not None:
                         profiles[key] = profile(before, stats(), results, wall)
+                    if via_proxy:
+                        results, wall = run_load(via_proxy, body(tokens, mode == "sampled"), n_requests=n,
+                                                 concurrency=c, headers=headers, stream=True)
+                        other[key] = summarize(results, wall)
+        proxied.append(other)
         return http, profiles
 
     runs = [rows() for _ in range(args.repeats)]
@@ -294,12 +325,18 @@ def main() -> int:
         "benchmark": "serve", "checkpoint": str(checkpoint), "checkpoint_source": source,
         "max_new_tokens": args.max_new_tokens, "replica_cpus": args.num_cpus, "torch_threads": threads,
         "repeats": args.repeats, "http": http, "profile_c32": profiles,
-        "http_every_repeat": [h for h, _ in runs],
+        "http_every_repeat": [h for h, _ in runs], "ingress": args.ingress,
         "in_process_one_request": ours, "hf_generate_one_request": hf, "in_process_ran_in": where,
         "paired_single_requests": paired, "targets": checks,
         "meets_targets": all(c["ok"] for c in checks.values()),
         "host": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()},
     }
+    if via_proxy:
+        report["http_via_proxy"] = proxied[len(runs) // 2]
+        report["direct_over_proxy"] = {  # medians over the repeats, each pair measured in the same minute
+            k: round(statistics.median(h[k][f] / p[k][f] for (h, _), p in zip(runs, proxied) if p[k][f]), 2)
+            for k, f in (("sampled_16_c32", "requests_per_s"), ("sampled_64_c32", "tokens_per_s"),
+                         ("greedy_64_c32", "tokens_per_s"), ("sampled_16_c1", "requests_per_s"))}
     if not args.url:  # shut down first: Ray's shutdown chatter must not follow the JSON line
         import ray
         from ray import serve
