@@ -21,13 +21,14 @@ import requests
 from conftest import sse_events
 from serving.ingress import DIRECT_INGRESS_ENV, NO_BALANCER_ENV
 from serving.loadtest import run_load
+from tests.fuzzer import fuzz
 from tests.live_service import live_service
 from tests.ray_cluster import REPO_ROOT, LocalRayHead, free_port
 
 KEY = "ingress-key-77"
 
 
-def test_the_replica_port_serves_the_api_the_proxy_serves(tiny_checkpoint):
+def test_the_replica_port_serves_the_api_the_proxy_serves(tiny_checkpoint, tmp_path):
     with live_service(tiny_checkpoint, api_key=KEY, run_args=("--ingress", "direct"),
                       head_env={**DIRECT_INGRESS_ENV, **NO_BALANCER_ENV}) as svc:
         assert len(svc.replica_urls) == 1, svc.log.read_text()[-2000:]
@@ -59,6 +60,11 @@ def test_the_replica_port_serves_the_api_the_proxy_serves(tiny_checkpoint):
                                                  "top_p": 0.95, "seed": i},
                               n_requests=32, concurrency=16, headers=auth, stream=True)
         assert [r.status for r in results] == [200] * 32
+
+        # Serve's direct-ingress wrapper sits where the proxy did: the fuzzer holds it to the schema too.
+        cases, _ = fuzz(direct + "/openapi.json", seed=20261126, examples=40, workdir=tmp_path,
+                        headers=(f"Authorization: Bearer {KEY}",))
+        assert cases >= 100
 
 
 def test_direct_ingress_on_a_head_started_without_it_fails_before_deploying(tiny_checkpoint):

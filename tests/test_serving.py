@@ -12,10 +12,7 @@ import copy
 import json
 import os
 import random
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from ray import serve
 from serving.engine import TEST_FAULT_ENV
 from serving.loadtest import Client, run_load, summarize
 from conftest import free_port
+from tests.fuzzer import fuzz
 
 pytestmark = pytest.mark.slow
 
@@ -285,21 +283,6 @@ def test_disconnected_clients_free_their_rows(service):
     assert stats["live_rows"] == 0
     assert stats["cancelled"] - before["cancelled"] == 20, (before, stats)  # none decoded to its end
     assert post(service, "/complete", {"prompt": "x", "max_new_tokens": 4}).status_code == 200
-
-
-def fuzz(schema_url: str, seed: int, examples: int, workdir: Path, headers: tuple[str, ...] = ()) -> tuple[int, str]:
-    """schemathesis with every check over every route of the running service; (cases, output)."""
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", schema_url, "--checks", "all", "--seed", str(seed),
-           "--max-examples", str(examples), "--workers", "8", "--generation-database", "none",
-           "--suppress-health-check", "all", "--request-timeout", "60", "--no-color"]
-    for h in headers:
-        cmd += ["-H", h]
-    # cwd: schemathesis keeps a cache folder (.schemathesis/) where it runs.
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=workdir)
-    out = proc.stdout + proc.stderr
-    cases = re.search(r"(\d+) generated", out)
-    assert proc.returncode == 0 and cases, f"schemathesis (seed {seed}) found problems:\n{out[-6000:]}"
-    return int(cases.group(1)), out
 
 
 @pytest.mark.timeout(600)
