@@ -9,10 +9,12 @@ computes exactly what it would compute alone, whatever shares the batch.
     state = BatchState.prefill(model, prompts_ids, pad_id)   # -> logits for each row's 1st token
     logits = state.step(model, next_ids)                     # one decode step for all rows
     state.merge(other); state.keep(indices)                  # join / leave
+    state.select(indices)                                    # a copy of some rows
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -51,16 +53,39 @@ class BatchState:
     @torch.inference_mode()
     def step(self, model, next_ids: Sequence[int], fast: Optional[Callable] = None) -> torch.Tensor:
         """Feed each row its newest token; return next-token logits [rows, vocab].
-        fast: the model's written-out decode step (serving/gpt2_step.py), if it has one."""
-        ones = torch.ones((len(self), 1), dtype=torch.long)
-        self.attention = torch.cat([self.attention, ones], dim=1)
-        self.positions = self.positions + 1
-        if fast is not None:
-            return fast(torch.tensor(next_ids, dtype=torch.long), self.positions[:, 0], self.attention, self.cache)
-        out = model(input_ids=torch.tensor(next_ids, dtype=torch.long)[:, None], attention_mask=self.attention,
-                    position_ids=self.positions, cache=self.cache, use_cache=True)
-        self.cache = out.cache
-        return out.logits[:, -1, :].float()
+        fast: the model's written-out decode step (serving/gpt2_step.py), if it has one.
+        If it raises, the state is as it was before (so its rows can be retried)."""
+        # Every update below replaces a tensor rather than writing into one: holding the
+        # old references is the whole snapshot.
+        before = (self.attention, self.positions, self.cache, [(l.keys, l.values) for l in self.cache.layers])
+        try:
+            ones = torch.ones((len(self), 1), dtype=torch.long)
+            self.attention = torch.cat([self.attention, ones], dim=1)
+            self.positions = self.positions + 1
+            if fast is not None:
+                return fast(torch.tensor(next_ids, dtype=torch.long), self.positions[:, 0], self.attention, self.cache)
+            out = model(input_ids=torch.tensor(next_ids, dtype=torch.long)[:, None], attention_mask=self.attention,
+                        position_ids=self.positions, cache=self.cache, use_cache=True)
+            self.cache = out.cache
+            return out.logits[:, -1, :].float()
+        except BaseException:
+            self.attention, self.positions, self.cache = before[:3]
+            for layer, (k, v) in zip(self.cache.layers, before[3]):
+                layer.keys, layer.values = k, v
+            raise
+
+    def select(self, rows: Sequence[int]) -> "BatchState":
+        """A new state with copies of these rows (this one is left as it is)."""
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer in self.cache.layers:
+            new = copy.copy(layer)
+            new.keys, new.values = layer.keys[idx], layer.values[idx]
+            cache.layers.append(new)
+        sub = BatchState(cache, self.attention[idx], self.positions[idx])
+        sub._trim()
+        return sub
 
     def merge(self, other: "BatchState") -> None:
         """Append other's rows after this state's rows."""
@@ -76,6 +101,10 @@ class BatchState:
         idx = torch.tensor(list(rows), dtype=torch.long)
         self.cache.batch_select_indices(idx)
         self.attention, self.positions = self.attention[idx], self.positions[idx]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the columns that are padding for every row."""
         first = _first_real_column(self.attention)
         if first:
             self.attention = self.attention[:, first:]

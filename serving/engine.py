@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,7 +65,7 @@ class _Row:
     done: bool = False
     incremental: bool = True  # hand out text step by step (streaming) or only at the end
     cancel: Optional[threading.Event] = None  # set when the client went away: the row leaves
-    fault: bool = False  # test-only: sampling this row raises (see TEST_FAULT_ENV)
+    fault: str = ""  # test-only: "sample" or "forward" raises there for this row (see TEST_FAULT_ENV)
     error: Optional[str] = None  # why this row failed
     lp: list[TokenLogprob] = field(default_factory=list)  # one per completion token, if asked
     lp_sent: int = 0  # entries of lp already handed out
@@ -177,7 +177,7 @@ class Engine:
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
             rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
                              incremental=inc, cancel=stop,
-                             fault=bool(self._fault_marker and isinstance(prompt, str) and self._fault_marker in prompt)))
+                             fault=self._fault_of(prompt)))
             if p.prompt_logprobs is not None:
                 rows[-1].prompt_lp = prompt_logprobs(self.model, ids, p.prompt_logprobs, self.piece)
             encoded.append(ids)
@@ -250,7 +250,7 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
         """Next token per row: argmax for temperature 0, else seeded top-k / top-p sampling (sampling.py)."""
-        if self._fault_marker and any(row.fault for row in rows):
+        if self._fault_marker and any(row.fault == "sample" for row in rows):
             raise RuntimeError("injected test fault (" + TEST_FAULT_ENV + ")")
         logits = apply_penalties(logits, [r.params for r in rows], [r.tokens for r in rows])
         sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
@@ -266,7 +266,24 @@ class Engine:
         choice[torch.tensor(sampled)] = picked
         return choice.tolist()
 
-    def _fail(self, row: _Row, e: Exception) -> None:
+    def _fault_of(self, prompt: Any) -> str:
+        """Test-only: a prompt holding the marker fails while sampling, or with the marker
+        followed by "forward", in every decode forward pass it takes part in."""
+        if not (self._fault_marker and isinstance(prompt, str) and self._fault_marker in prompt):
+            return ""
+        return "forward" if self._fault_marker + "forward" in prompt else "sample"
+
+    def check_forward(self, rows: Sequence[_Row]) -> None:
+        """Test-only: raise if an injected forward-pass fault rides in this batch."""
+        if self._fault_marker and any(row.fault == "forward" for row in rows):
+            raise RuntimeError("injected test fault in the forward pass (" + TEST_FAULT_ENV + ")")
+
+    def fail(self, row: _Row, e: BaseException) -> Delta:
+        """End one row with an error of its own; returns its final Delta."""
+        self._fail(row, e)
+        return self._failure(row)
+
+    def _fail(self, row: _Row, e: BaseException) -> None:
         log.error("decoding one request failed; its batch goes on", exc_info=e)
         row.done, row.error = True, f"{type(e).__name__}: {e}"
 

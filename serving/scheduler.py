@@ -13,8 +13,9 @@ None), then None once all of its requests have finished, or the exception that b
 the step.
 
 One request never takes others down: a request whose sampling or decoding fails ends
-with its own "error" Delta (Engine.advance), and a group whose prefill fails gets the
-exception alone. Only a failing forward pass of the running batch fails every row in it.
+with its own "error" Delta (Engine.advance), a group whose prefill fails gets the
+exception alone, and when the running batch's forward pass fails, each row is run alone
+so that only the rows that fail alone end (with an "error" Delta each).
 A request whose `cancel` event is set (its client went away) leaves the batch before the
 next forward pass, with a "cancelled" Delta.
 """
@@ -117,7 +118,13 @@ class DecodeLoop:
         engine = self.engine
         state, members, next_ids = self._drop_cancelled(state, members, next_ids)
         t0, c0 = time.perf_counter(), time.thread_time()
-        logits = [state.step(engine.model, next_ids, engine.fast_step)] if members else []
+        logits = []
+        if members:
+            try:
+                logits = [self._forward(state, members, next_ids)]
+            except Exception:
+                state, members, next_ids, alone = self._forward_alone(state, members, next_ids)
+                logits = [alone] if members else []
         t1 = time.perf_counter()
         self.timings["forward_cpu_s"] += time.thread_time() - c0
         new, new_logits, joining = self._prefill(joining)
@@ -155,6 +162,42 @@ class DecodeLoop:
             state.keep(keep)
         return state, [members[b] for b in keep], [ids[b] for b in keep]
 
+    def _forward(self, state: BatchState, members: list[tuple[_Group, int]], next_ids: list[int]) -> torch.Tensor:
+        self.engine.check_forward([g.rows[i] for g, i in members])  # test-only fault injection
+        return state.step(self.engine.model, next_ids, self.engine.fast_step)
+
+    def _forward_alone(self, state: BatchState, members: list[tuple[_Group, int]], next_ids: list[int]):
+        """The running batch's forward pass failed (and left the state as it was): run each
+        row alone, so the failure ends only the requests that cause it. Returns the rows
+        that stepped, as (state, members, next_ids, their logits)."""
+        kept: list[int] = []
+        states: list[BatchState] = []
+        logits: list[torch.Tensor] = []
+        for b, (g, i) in enumerate(members):
+            try:
+                sub = state.select([b])
+                logits.append(self._forward(sub, [(g, i)], [next_ids[b]]))
+            except Exception as e:
+                self._end_row(g, i, self.engine.fail(g.rows[i], e))
+                continue
+            kept.append(b)
+            states.append(sub)
+        if not kept:
+            return None, [], [], None
+        for other in states[1:]:
+            states[0].merge(other)
+        return states[0], [members[b] for b in kept], [next_ids[b] for b in kept], torch.cat(logits)
+
+    @staticmethod
+    def _end_row(g: _Group, i: int, delta: Delta) -> None:
+        """Hand a row that left the batch early its final Delta (and its group its end)."""
+        g.left -= 1
+        step: list[Optional[Delta]] = [None] * len(g.rows)
+        step[i] = delta
+        g.emit(step)
+        if g.left == 0:
+            g.emit(None)
+
     def _prefill(self, joining: list[_Group]) -> tuple[Optional[BatchState], Optional[torch.Tensor], list[_Group]]:
         """Prefill the joining groups together; if that fails, each alone, so a failure
         reaches only the group that caused it. Returns (state, logits, groups that made it)."""
@@ -190,12 +233,7 @@ class DecodeLoop:
             g, i = members[b]
             row = g.rows[i]
             row.done = True
-            g.left -= 1
-            step: list[Optional[Delta]] = [None] * len(g.rows)
-            step[i] = Delta("", True, "cancelled", row.prompt_tokens, row.generated, row.truncated)
-            g.emit(step)
-            if g.left == 0:
-                g.emit(None)
+            self._end_row(g, i, Delta("", True, "cancelled", row.prompt_tokens, row.generated, row.truncated))
         self.cancelled += len(gone)
         keep = sorted(set(range(len(members))) - set(gone))
         if not keep:

@@ -129,3 +129,53 @@ def test_failing_request_and_cancelled_request_leave_the_others_alone(engine, mo
     while loop.live_rows and time.monotonic() < deadline:  # set just after the step that emitted the end
         time.sleep(0.01)
     assert loop.cancelled == 1 and loop.live_rows == 0
+
+
+def test_a_failed_step_leaves_the_state_as_it_was_and_rows_copy_out(engine):
+    """A step that fails half-way (here: after the written-out step has extended the cache)
+    leaves the state unchanged, so its rows can be retried; a row copied out with
+    `select` steps to the logits it gets in the batch."""
+    tok = engine.tokenizer
+    ids = [tok(p)["input_ids"] for p in (PROMPTS[0], PROMPTS[5], PROMPTS[3])]
+    state, logits = BatchState.prefill(engine.model, ids, engine.pad_token_id, engine.fast_step)
+    nxt = logits.argmax(-1).tolist()
+    before = (state.attention, state.positions, [(l.keys, l.values) for l in state.cache.layers])
+
+    def breaks_after_the_cache_grew(*args):
+        engine.fast_step(*args)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        state.step(engine.model, nxt, breaks_after_the_cache_grew)
+    assert state.attention is before[0] and state.positions is before[1]
+    assert [(l.keys, l.values) for l in state.cache.layers] == before[2]
+
+    alone = state.select([2])  # the short prompt: its padding columns are trimmed
+    assert alone.attention.shape == (1, len(ids[2])) and len(state) == 3
+    together = state.step(engine.model, nxt, engine.fast_step)
+    assert torch.allclose(alone.step(engine.model, [nxt[2]], engine.fast_step)[0], together[2], atol=1e-4)
+
+
+def test_a_forward_pass_failure_ends_only_the_request_that_causes_it(engine, monkeypatch):
+    """A request that breaks every decode forward pass it is in (injected) shares the
+    batch with three others: it alone ends with an error; they get their solo completions."""
+    monkeypatch.setattr(engine, "_fault_marker", "#poison#")
+    loop = DecodeLoop(engine, max_rows=8)
+    prompts = [PROMPTS[0], "#poison#forward def f(", PROMPTS[1], PROMPTS[4]]
+    params = [SamplingParams(30), SamplingParams(30), SamplingParams(30, 0.8, seed=3), SamplingParams(12)]
+    q: queue.Queue = queue.Queue()
+    loop.submit(prompts, params, [False] * 4, q.put)
+    finals, texts = {}, [""] * 4
+    while (item := q.get(timeout=60)) is not None:
+        assert not isinstance(item, BaseException), item
+        for i, d in enumerate(item):
+            if d is not None:
+                texts[i] += d.text
+                if d.finished:
+                    finals[i] = d
+    assert finals[1].finish_reason == "error" and "forward pass" in finals[1].error
+    for i in (0, 2, 3):
+        assert finals[i].finish_reason != "error" and texts[i] == alone(engine, prompts[i], params[i]), i
+    assert loop.max_rows_seen == 4
+    assert [w()[0] for w in [collect(loop, [PROMPTS[2]], [SamplingParams(8)])]] == \
+        [alone(engine, PROMPTS[2], SamplingParams(8))]  # the loop goes on serving

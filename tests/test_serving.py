@@ -216,12 +216,15 @@ def replica_stats(app: str = "complete") -> dict:
 
 @pytest.mark.timeout(180)
 def test_a_failing_request_fails_alone_under_concurrent_load(service):
-    """Requests that fail mid-decode (injected fault; and the former crash, top_p=1e-300)
-    share batches with ordinary requests: each poison gets its own 500 with a request id,
-    every ordinary request 200, and the decode loop goes on serving."""
+    """Requests that fail mid-decode (injected faults, in sampling and in the batch's forward
+    pass; and the former crash, top_p=1e-300) share batches with ordinary requests: each
+    poison gets its own 500 with a request id, every ordinary request 200, and the decode
+    loop goes on serving."""
     def body(i: int) -> dict:
         if i % 8 == 3:
             return {"prompt": f"{POISON} def f{i}(", "max_new_tokens": 12, "temperature": 0.8, "seed": i}
+        if i % 8 == 7:
+            return {"prompt": f"{POISON}forward def h{i}(", "max_new_tokens": 12}
         if i % 8 == 5:
             return {"prompt": "0", "max_new_tokens": 8, "top_p": 1e-300, "temperature": 1.0, "seed": i}
         return {"prompt": f"def g{i}(x):", "max_new_tokens": 12 + i % 5, "temperature": 0.7 * (i % 2), "seed": i}
@@ -230,15 +233,15 @@ def test_a_failing_request_fails_alone_under_concurrent_load(service):
     results, _ = run_load(service, body, n_requests=48, concurrency=48)
     by_kind: dict[str, list] = {"poison": [], "tiny_top_p": [], "ordinary": []}
     for r in results:
-        by_kind["poison" if r.index % 8 == 3 else "tiny_top_p" if r.index % 8 == 5 else "ordinary"].append(r)
-    assert len(results) == 48 and len(by_kind["poison"]) == 6
+        by_kind["poison" if r.index % 8 in (3, 7) else "tiny_top_p" if r.index % 8 == 5 else "ordinary"].append(r)
+    assert len(results) == 48 and len(by_kind["poison"]) == 12
     assert all(r.status == 200 for r in by_kind["ordinary"]), [(r.status, r.error) for r in by_kind["ordinary"]]
     assert all(r.status == 200 for r in by_kind["tiny_top_p"]), [r.error for r in by_kind["tiny_top_p"]]
     ids = set()
     for r in by_kind["poison"]:
         assert r.status == 500 and "generation failed" in r.error, r.error
         ids.add(json.loads(r.error)["error"]["request_id"])
-    assert len(ids) == 6  # each failure its own id
+    assert len(ids) == 12  # each failure its own id
     assert replica_stats()["max_rows_seen"] > 8  # they really shared batches
     assert replica_stats()["steps"] > stats0["steps"]
     # Streamed, the failure is an in-band error event; and the loop still serves afterwards.
