@@ -86,6 +86,16 @@ def fim_client(fim_engine):
     return local_client(fim_engine)
 
 
+def absorb(step, texts: list, finals: dict) -> None:
+    """One decode step's Deltas (one per request, or None) into the requests' texts and,
+    for those that finished, their final Delta."""
+    for i, d in enumerate(step):
+        if d is not None:
+            texts[i] += d.text
+            if d.finished:
+                finals[i] = d
+
+
 def sse_events(text: str) -> list:
     """The `data:` events of an SSE body, JSON-decoded ("[DONE]" kept as the string)."""
     return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import absorb
 from serving.engine import CheckpointError, Engine, check_checkpoint
 from serving.params import GenerationError, SamplingParams
 
@@ -135,11 +136,7 @@ def test_a_request_failing_mid_decode_fails_alone(engine, monkeypatch):
               SamplingParams(12, 1.1, 0.9, 20, (), 3)]
     texts, finals = ["" for _ in prompts], {}
     for step in engine.stream_batch(prompts, params, incremental=[False] * 4):
-        for i, d in enumerate(step):
-            if d is not None:
-                texts[i] += d.text
-                if d.finished:
-                    finals[i] = d
+        absorb(step, texts, finals)
     assert finals[1].finish_reason == "error" and "injected test fault" in finals[1].error
     alone = [engine.generate([prompts[i]], [params[i]])[0] for i in (0, 2, 3)]
     assert [texts[i] for i in (0, 2, 3)] == [a.text for a in alone]  # batch-mates: as if alone

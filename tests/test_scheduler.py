@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from conftest import absorb
 from serving.batch_state import BatchState
 from serving.engine import Engine, SamplingParams
 from serving.scheduler import DecodeLoop
@@ -168,11 +169,7 @@ def test_a_forward_pass_failure_ends_only_the_request_that_causes_it(engine, mon
     finals, texts = {}, [""] * 4
     while (item := q.get(timeout=60)) is not None:
         assert not isinstance(item, BaseException), item
-        for i, d in enumerate(item):
-            if d is not None:
-                texts[i] += d.text
-                if d.finished:
-                    finals[i] = d
+        absorb(item, texts, finals)
     assert finals[1].finish_reason == "error" and "forward pass" in finals[1].error
     for i in (0, 2, 3):
         assert finals[i].finish_reason != "error" and texts[i] == alone(engine, prompts[i], params[i]), i
