@@ -57,9 +57,13 @@ def cluster_has_direct_ingress() -> bool:
 
 def replica_urls(app_name: str, bind_host: str = "0.0.0.0", timeout_s: float = 60.0) -> list[str]:
     """The HTTP addresses of the app's ingress replicas that have a direct-ingress port
-    (after `serve.run` returns, all of its replicas have). Raises RuntimeError naming the cause if the cluster serves through
-    the proxy only, or TimeoutError if no replica reported a port in time. Replicas bind
-    Serve's HTTP host (`bind_host`): the node's address stands in for a wildcard one only."""
+    (after `serve.run` returns, all of them have). Raises RuntimeError naming the cause if
+    the cluster serves through the proxy only, or TimeoutError if no replica reported a
+    port in time. Replicas bind Serve's HTTP host (`bind_host`): the node's address stands
+    in for a wildcard one only.
+
+    Asks the controller for what Ray's HAProxy mode is given (`get_target_groups`): an
+    internal API of the pinned Ray (2.60); tests/test_ingress.py fails if it moves."""
     import ray
     from ray.serve._private.common import RequestProtocol
     from ray.serve.context import _get_global_client
