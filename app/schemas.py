@@ -19,10 +19,15 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 32_000  # prompts are cut to the context anyway; this bounds tokenizer work
-MAX_BODY_BYTES = 1_000_000  # enforced before JSON parsing (app/errors.py)
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_PROMPTS = 16  # OpenAI `prompt` as a list
+MAX_NAME_CHARS = 256  # `model`, `user`
+# Enforced before JSON parsing (app/errors.py). Above every schema-valid body as a client
+# serialises it (no padding whitespace): 16 prompts of 32,000 characters, each written as a
+# 12-byte surrogate-pair escape, are 6.1 MB; tests/test_schemas.py holds the bound to that,
+# so a request the schema allows never meets a 413.
+MAX_BODY_BYTES = 8_000_000
 MAX_N = 8
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy API
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -61,6 +66,7 @@ def _only_bool(v: object) -> object:
 
 
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
@@ -128,7 +134,7 @@ class CompletionRequest(_Strict):
          "then": {"properties": {"best_of": {"anyOf": [{"type": "null"}, {"const": 1}]}}}},
     ]})
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     prompt: Union[Prompt, TokenIds, Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
     suffix: Optional[Prompt] = None
@@ -146,7 +152,7 @@ class CompletionRequest(_Strict):
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
-    user: Optional[str] = None
+    user: Optional[Name] = None
     # Neutral-only.
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
 
@@ -227,7 +233,7 @@ class ErrorResponse(BaseModel):
 # ---- POST /tokenize, /detokenize (vLLM's shapes) --------------------------------------
 
 class TokenizeRequest(_Strict):
-    model: Optional[str] = None
+    model: Optional[Name] = None
     prompt: Prompt
     add_special_tokens: bool = True  # accepted; this tokenizer adds none
 
@@ -239,7 +245,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(_Strict):
-    model: Optional[str] = None
+    model: Optional[Name] = None
     tokens: list[TokenId] = Field(max_length=MAX_PROMPT_CHARS)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from app.schemas import MAX_PROMPT_CHARS, CompleteRequest, CompletionRequest
+from app.schemas import (MAX_BODY_BYTES, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STOP, MAX_STOP_CHARS,
+                         CompleteRequest, CompletionRequest)
 
 
 def field_of(exc: ValidationError) -> str:
@@ -96,3 +99,29 @@ def test_what_the_schema_allows_is_accepted():
     assert (o.n, o.prompts()) == (2, ["", "x"])
     schema = CompleteRequest.model_json_schema()["properties"]
     assert "minLength" not in schema["prompt"] and schema["seed"]["anyOf"][0]["maximum"] == 2**64 - 1
+
+
+def test_the_largest_body_the_schema_allows_is_under_the_body_limit():
+    """Every string at its longest, in characters that JSON writes longest (a non-BMP
+    character: a 12-byte surrogate-pair escape), prompts as the longest list: still under
+    the 413 limit, so no schema-valid request is refused for its size. Token-id prompts
+    (ids of up to 6 digits) are shorter still."""
+    wide = "\U0001F600"
+    body = {"model": wide * MAX_NAME_CHARS, "prompt": [wide * MAX_PROMPT_CHARS] * MAX_PROMPTS,
+            "suffix": wide * MAX_PROMPT_CHARS, "stop": [wide * MAX_STOP_CHARS] * MAX_STOP, "user": wide * MAX_NAME_CHARS,
+            "max_tokens": 2**62, "temperature": 1.9999999999999998, "top_p": 2.2250738585072014e-308,
+            "top_k": 2**62, "n": 8, "best_of": 8, "seed": -(2**63), "logprobs": 5, "frequency_penalty": -1.9999999999999998,
+            "presence_penalty": -1.9999999999999998, "stream": False, "echo": False, "logit_bias": {}}
+    CompletionRequest.model_validate(body)  # schema-valid
+    size = len(json.dumps(body).encode())
+    assert 6_000_000 < size <= MAX_BODY_BYTES, size
+    ids = {**body, "prompt": [[999_999] * MAX_PROMPT_CHARS] * MAX_PROMPTS}
+    CompletionRequest.model_validate(ids)
+    assert len(json.dumps(ids).encode()) < size
+    with pytest.raises(ValidationError, match="model"):
+        CompletionRequest.model_validate({**body, "model": "m" * (MAX_NAME_CHARS + 1)})
+    with pytest.raises(ValidationError, match="user"):
+        CompletionRequest.model_validate({**body, "user": "u" * (MAX_NAME_CHARS + 1)})
+    single = {"prompt": wide * MAX_PROMPT_CHARS, "suffix": wide * MAX_PROMPT_CHARS, "stop": [wide * MAX_STOP_CHARS] * MAX_STOP}
+    CompleteRequest.model_validate(single)
+    assert len(json.dumps(single).encode()) < MAX_BODY_BYTES

@@ -294,8 +294,8 @@ def test_openapi_fuzzer_finds_nothing(service, tmp_path):
     responses violating their schema: a fixed seed, a random one (printed), and the
     bearer-auth app with its key (its ignored_auth check sends requests without it)."""
     fixed = fuzz(service + "/openapi.json", seed=20261125, examples=120, workdir=tmp_path)[0]
-    seed = random.randrange(2**31)
-    print(f"schemathesis random seed: {seed} (rerun: --seed {seed})")
+    seed = int(os.environ.get("FUZZ_SEED") or random.randrange(2**31))
+    print(f"schemathesis random seed: {seed} (rerun: FUZZ_SEED={seed} pytest ... or schemathesis --seed {seed})")
     rand = fuzz(service + "/openapi.json", seed=seed, examples=40, workdir=tmp_path)[0]
     secure = fuzz(service + "/secure/openapi.json", seed=seed, examples=30, workdir=tmp_path,
                   headers=(f"Authorization: Bearer {API_KEY}",))[0]
