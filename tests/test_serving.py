@@ -25,6 +25,7 @@ import requests
 import yaml
 from ray import serve
 
+from app.schemas import MAX_BODY_BYTES
 from serving.engine import TEST_FAULT_ENV
 from serving.loadtest import Client, run_load, summarize
 from conftest import free_port
@@ -185,7 +186,7 @@ BAD = [  # (raw body or JSON, headers, status, field): one per class of bad requ
     ({"prompt": "x", "stop": ["a"] * 5}, None, 422, "stop"),
     ({"prompt": "x", "best_of": 2}, None, 422, "best_of"),
     ({"prompt": "x" * 40_000}, None, 422, "prompt"),
-    ({"prompt": "x" * 1_100_000}, None, 413, "body"),
+    ({"prompt": "x" * (MAX_BODY_BYTES + 1)}, None, 413, "body"),
 ]
 
 
