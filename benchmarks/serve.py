@@ -16,9 +16,9 @@ throughput-optimised mode (serving/ingress.py): the rows and targets are measure
 replica's own HTTP port, and every row is run a second time through the head's proxy in
 the same minute (`http_via_proxy`, and `direct_over_proxy`: the ratios, median over the
 repeats). The profile also gives the decode thread's CPU time beside its wall time (the
-difference is time it waited for a core or for the GIL). Without --checkpoint it uses runs/tiny/model, or, if that does
-not exist, builds a model of the tiny preset's shape trained for 60 steps (the JSON says
-which). Targets on 2 cores: sampled c32 tokens/s >= 90% of greedy's
+difference is time it waited for a core or for the GIL). Without --checkpoint it uses
+runs/tiny/model, or, if that does not exist, builds a model of the tiny preset's shape
+trained for 60 steps (the JSON says which). Targets on 2 cores: sampled c32 tokens/s >= 90% of greedy's
 and >= 4x sampled c1 (64 tokens), >= 100 requests/s for 16-token completions at c32, time to
 first token p50 <= 50 ms at c1, and a single request's HTTP + Serve overhead <= 25%.
 """
@@ -211,6 +211,8 @@ def profile(before: dict, after: dict, results: list, wall_s: float) -> dict:
 
 
 def main() -> int:
+    from serving.ingress import INGRESS_MODES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--url", default=None, help="a running service (default: start one)")
@@ -221,7 +223,7 @@ def main() -> int:
     ap.add_argument("--max-batch-size", type=int, default=64, help="rows decoding together in a replica")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=3, help="runs of every row; targets report the median")
-    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+    ap.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
                     help="direct: Serve's throughput-optimised mode; the targets are measured on the replica's own "
                          "port, and every row is also run through the head's proxy in the same minute")
     args = ap.parse_args()

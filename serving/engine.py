@@ -213,7 +213,8 @@ class Engine:
                 timings: Optional[dict[str, float]] = None) -> tuple[list[int], list[Optional[Delta]], list[int]]:
         """One step for a batch's rows: (sampled ids, each row's Delta or None, batch indices
         of the rows that go on). A row whose sampling or decoding raises ends with an "error"
-        Delta; the other rows are not affected. `timings` adds up sample_s and text_s."""
+        Delta; the other rows are not affected. `timings` adds up sample_s, sample_cpu_s (the
+        thread's CPU time) and text_s."""
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
             next_ids = self._sample(logits, rows)
@@ -244,7 +245,7 @@ class Engine:
                 deltas.append(self._failure(row))
         if timings is not None:
             timings["sample_s"] += t1 - t0
-            timings["sample_cpu_s"] = timings.get("sample_cpu_s", 0.0) + c1 - c0
+            timings["sample_cpu_s"] += c1 - c0
             timings["text_s"] += time.perf_counter() - t1
         return next_ids, deltas, [b for b, row in enumerate(rows) if not row.done]
 

@@ -75,10 +75,14 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     return out
 
 
-def _scaled(logits: torch.Tensor, temperature: Sequence[float]) -> torch.Tensor:
+def _inverse_temperature(temperature: Sequence[float]) -> torch.Tensor:
+    """1/T per row, capped to stay finite (T may be as small as 5e-324)."""
+    return torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
+
+
+def _scaled(logits: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
     # Shift so the best token is exactly 0 before scaling: then no temperature, however
-    # small (5e-324) or large, makes inf - inf or 0 * inf; 1/T is capped to stay finite.
-    inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
+    # small or large, makes inf - inf or 0 * inf.
     logits = logits.float()
     return (logits - logits.amax(dim=-1, keepdim=True)) * inv_t[:, None]
 
@@ -96,7 +100,7 @@ def _sample_nucleus(logits: torch.Tensor, temperature: Sequence[float], top_p: S
     logits = logits.float()
     vocab = logits.shape[-1]
     raw, where = logits.topk(NUCLEUS_CANDIDATES, dim=-1)  # best first; raw[:, :1] is the row's max
-    inv_t = torch.tensor([min(1.0 / t, F32_MAX) for t in temperature], dtype=torch.float32)
+    inv_t = _inverse_temperature(temperature)
     best = (raw - raw[:, :1]) * inv_t[:, None]  # = _scaled(logits) at these tokens, bit for bit
     w = torch.exp(best.masked_fill(best < DROP_BELOW, float("-inf")))  # = the full path's weights
     cum = w.double().cumsum(dim=-1)
@@ -109,8 +113,8 @@ def _sample_nucleus(logits: torch.Tensor, temperature: Sequence[float], top_p: S
     n_low, n_keep = _nucleus_size(before, p * low), _nucleus_size(before, p * high)
     unsure = (n_low != n_keep).nonzero().squeeze(1)
     if len(unsure):  # the tail could move these rows' nucleus: sum their whole vocabulary
-        n_keep[unsure] = _nucleus_size(before[unsure], p[unsure] * _total_weight(
-            logits[unsure], raw[unsure, :1], inv_t[unsure]))
+        total = _total_weight(_scaled(logits[unsure], inv_t[unsure]))
+        n_keep[unsure] = _nucleus_size(before[unsure], p[unsure] * total)
     floor = w.gather(1, (n_keep - 1)[:, None])
     # The nucleus fits if its smallest weight is above the last candidate's: then no token
     # outside the candidates (all weigh at most that) is kept, ties included.
@@ -134,11 +138,10 @@ def _nucleus_size(before: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return (before < mass[:, None]).sum(dim=-1).clamp(min=1)
 
 
-def _total_weight(logits: torch.Tensor, top: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+def _total_weight(scaled: torch.Tensor) -> torch.Tensor:
     """Each row's total weight (float64), as the full path sums it: weights under e^-70
     count 0 there and cannot move a total of at least 1 (the best token) here; the clamp
     keeps exp off subnormal floats, which take a very slow path on CPUs."""
-    scaled = (logits - top) * inv_t[:, None]
     return torch.exp(scaled.clamp(min=-87.0)).sum(dim=-1, dtype=torch.float64)
 
 
@@ -146,7 +149,7 @@ def _sample_full(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequ
                  u: Sequence[float]) -> torch.Tensor:
     """Any row: the whole vocabulary filtered by top-k, then top-p, then inverse-CDF."""
     rows, vocab = logits.shape
-    scaled = _scaled(logits, temperature)
+    scaled = _scaled(logits, _inverse_temperature(temperature))
     ninf = float("-inf")
     # Below e^-70 of the best token a weight is negligible; dropping it also keeps exp (and
     # sums of weights) off subnormal floats, which take a very slow path on CPUs.
@@ -197,5 +200,4 @@ def _nucleus_floor(weights: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         best = weights.sort(dim=-1, descending=True).values
     cum = best.double().cumsum(dim=-1)
     before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # weight of the better tokens
-    n_keep = (before < mass[:, None]).sum(dim=-1).clamp(min=1)  # top_p of 1e-300 still keeps one
-    return best.gather(1, (n_keep - 1)[:, None])
+    return best.gather(1, (_nucleus_size(before, mass) - 1)[:, None])  # top_p of 1e-300 still keeps one
