@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,28 +95,55 @@ def test_draws_depend_on_seed_and_step_only():
     assert together.tolist() == alone  # a row's token does not depend on its batch-mates
 
 
-def test_a_nucleus_the_tail_could_move_is_settled_by_the_whole_vocabulary():
-    """The fast path bounds a row's total weight instead of summing it; where the bound
-    leaves the nucleus open (3 best tokens, then 4,093 that together weigh more than one
-    of them), it sums that row and still answers, with the full path's token."""
-    from serving.sampling import _sample_full, _sample_nucleus
+def full_path(x, temperature, top_k, top_p, u):
+    """Path 3 (the whole vocabulary) for every row: what the other paths must agree with."""
+    from serving.sampling import _sample_full, probabilities
+
+    rows = x.shape[0]
+    probs = probabilities(x, [temperature] * rows, [top_k] * rows)
+    return probs, _sample_full(probs, np.full(rows, top_p), np.array(u)).tolist()
+
+
+def test_a_nucleus_wider_than_the_candidates_takes_the_full_path():
+    from serving.sampling import NUCLEUS_CANDIDATES, _sample_candidates
 
     x = torch.full((2, 4096), -8.0)
-    x[:, :3] = 0.0  # weights 1, 1, 1; the tail 4093 * e^-8 = 1.37: the nucleus at p=0.5 is the 3
-    x[1, :2] = 5.0  # a peaked row beside it, which the bound settles
+    x[0, :20] = 0.0  # 20 tied best tokens: the nucleus at p=0.5 needs more than the 16 candidates
+    x[1, :2] = 5.0  # a peaked row beside it: its nucleus is the best 2
     for step in range(30):
         u = [uniform(row_key(r), step) for r in range(2)]
-        fast = _sample_nucleus(x, [1.0, 1.0], [0.5, 0.5], u)
-        assert fast.tolist() == _sample_full(x, [1.0, 1.0], [0, 0], [0.5, 0.5], u).tolist()
-        assert int(fast[0]) in (0, 1, 2) and int(fast[1]) in (0, 1)
+        probs, full = full_path(x, 1.0, 0, 0.5, u)
+        values, cols = probs.topk(NUCLEUS_CANDIDATES, dim=-1)
+        fast = [_sample_candidates(v, c, 0.5, d) for v, c, d in zip(values.tolist(), cols.tolist(), u)]
+        assert fast[0] == -1 and 0 <= full[0] < 20
+        assert fast[1] == full[1] and full[1] in (0, 1)
+        assert sample(x, [1.0, 1.0], [0, 0], [0.5, 0.5], u).tolist() == full
+
+
+def test_a_token_that_carries_top_p_alone_is_what_the_full_path_keeps():
+    """Path 1 skips the draw when the best token alone has top_p of the mass (and over
+    half of it); the full path, for every draw, gives that token too."""
+    x = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(5))
+    x[:, 3] += torch.tensor([2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 30.0])  # from open to certain rows
+    for top_p in (0.3, 0.6, 0.9, 0.99, 1.0):
+        settled = 0
+        for step in range(25):
+            u = [uniform(row_key(r), step) for r in range(8)]
+            probs, full = full_path(x, 1.0, 0, top_p, u)
+            assert sample(x, [1.0] * 8, [0] * 8, [top_p] * 8, u).tolist() == full
+            q1 = probs[:, 3].tolist()
+            settled += sum(q >= top_p and q > 0.51 for q in q1)
+            assert all(f == 3 for f, q in zip(full, q1) if q >= top_p and q > 0.51)
+        assert settled > 0
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.2, 0.8, 1.0])
 @pytest.mark.parametrize("top_p", [1e-300, 0.5, 0.9, 0.95, 0.999])
-def test_the_nucleus_fast_path_picks_the_full_paths_token(temperature, top_p):
-    """Top-p rows sampled among their best candidates give the token the full vocabulary
-    gives, for every draw; rows whose nucleus is too wide fall back and agree too."""
-    from serving.sampling import _sample_full, _sample_nucleus
+@pytest.mark.parametrize("top_k", [0, 3, 40])
+def test_every_path_picks_the_full_paths_token(temperature, top_p, top_k):
+    """Rows sampled among their best candidates (or settled by one token) give the token the
+    whole vocabulary gives, for every draw; rows whose nucleus is too wide fall back."""
+    from serving.sampling import NUCLEUS_CANDIDATES, _sample_candidates
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(24, VOCAB, generator=g) * torch.linspace(0.5, 12, 24)[:, None]  # flat to peaked rows
@@ -123,11 +151,11 @@ def test_the_nucleus_fast_path_picks_the_full_paths_token(temperature, top_p):
     fast_rows = 0
     for step in range(40):
         u = [uniform(row_key(r), step) for r in range(24)]
-        full = _sample_full(x, [temperature] * 24, [0] * 24, [top_p] * 24, u)
-        fast = _sample_nucleus(x, [temperature] * 24, [top_p] * 24, u)
-        mixed = sample(x, [temperature] * 24, [0] * 24, [top_p] * 24, u)
-        assert mixed.tolist() == full.tolist()
-        assert all(f in (-1, t) for f, t in zip(fast.tolist(), full.tolist()))
-        assert int(fast[3]) == -1 or top_p < 1e-200  # the tie is wider than the candidates
-        fast_rows += int((fast >= 0).sum())
-    assert fast_rows > 40 * 24 // 4  # the fast path does take most peaked rows
+        probs, full = full_path(x, temperature, top_k, top_p, u)
+        values, cols = probs.topk(NUCLEUS_CANDIDATES, dim=-1)
+        fast = [_sample_candidates(v, c, top_p, d) for v, c, d in zip(values.tolist(), cols.tolist(), u)]
+        assert sample(x, [temperature] * 24, [top_k] * 24, [top_p] * 24, u).tolist() == full
+        assert all(f in (-1, t) for f, t in zip(fast, full))
+        assert fast[3] == -1 or top_p < 1e-200 or 0 < top_k < 20  # the tie is wider than the candidates
+        fast_rows += sum(f >= 0 for f in fast)
+    assert fast_rows > 40 * 24 // 4  # the candidates do serve most peaked rows
