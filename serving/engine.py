@@ -72,6 +72,21 @@ class _Row:
     prompt_lp: Optional[list[TokenLogprob]] = None  # the prompt's tokens scored (echo), if asked
 
 
+class _Draws(Sequence[float]):
+    """The rows' uniform draws for this step, each computed only when the sampler asks for it
+    (a row whose best token carries top_p needs none)."""
+
+    def __init__(self, rows: Sequence[_Row]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, b):  # type: ignore[override]
+        row = self.rows[b]
+        return uniform(row.key, row.generated)
+
+
 def check_checkpoint(path: str | os.PathLike) -> Path:
     """Fail early, naming the folder, when it is not a safetensors HF model + tokenizer."""
     p = Path(path)
@@ -260,7 +275,7 @@ class Engine:
         picked_rows = [rows[b] for b in sampled]
         x = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled)]
         picked = sample(x, [r.params.temperature for r in picked_rows], [r.params.top_k for r in picked_rows],
-                        [r.params.top_p for r in picked_rows], [uniform(r.key, r.generated) for r in picked_rows])
+                        [r.params.top_p for r in picked_rows], _Draws(picked_rows))
         if len(sampled) == len(rows):  # (an argmax over the vocabulary costs a third of a sampled step)
             return picked.tolist()
         choice = logits.argmax(dim=-1)
