@@ -28,6 +28,7 @@ from ray import serve
 
 from app.api import build_app
 from app.auth import api_key_from_env
+from serving.allocator import keep_freed_memory
 from serving.engine import Engine, check_checkpoint
 from serving.params import Delta, SamplingParams
 from serving.scheduler import DecodeLoop
@@ -58,6 +59,7 @@ class Completer:
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
                  stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S):
         threads = num_threads or _replica_cpus()
+        keep_freed_memory()  # the decode loop reuses its large tensors' memory (serving/allocator.py)
         self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
         self.engine.warmup()
         self.model_name = self.engine.model_name
