@@ -29,6 +29,7 @@ top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -64,11 +65,9 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
            u: Sequence[float]) -> torch.Tensor:
     """One token id per row of `logits` [rows, vocab]; all rows sample (temperature > 0)."""
     rows, vocab = logits.shape
-    logits = logits.float()
-    top, best = logits.max(dim=-1)  # each row's most likely token
-    probs = probabilities(logits, temperature, top_k, top)
-    tokens = best.tolist()
-    q1 = probs.gather(1, best[:, None]).squeeze(1).tolist()
+    probs = probabilities(logits, temperature, top_k)
+    q1, best = probs.max(dim=-1)  # each row's most likely token, and its probability
+    tokens, q1 = best.tolist(), q1.tolist()
     # Path 1. (Path 3 would keep only this token: the float64 sum before the second-best
     # token is q1, which is not below top_p.)
     open_rows = [b for b in range(rows) if not (q1[b] >= top_p[b] and q1[b] > ALONE)]
@@ -93,28 +92,44 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     return torch.tensor(tokens)
 
 
-def probabilities(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int],
-                  top: torch.Tensor | None = None) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int]) -> torch.Tensor:
     """Each row's softmax(logits / T) over the tokens its top-k keeps (top_k 0 or >= vocab:
-    all) [rows, vocab]. top: each row's largest logit, if known."""
+    all) [rows, vocab]."""
+    probs = _softmax(logits, temperature, top_k, shift=False)
+    # A temperature so low that logits / T overflows float32 makes the row NaN. Such rows
+    # again, shifted so that their best token is exactly 0 before scaling: then no
+    # temperature, however small, makes inf - inf. (Not every row: the shift is one more
+    # pass over the vocabulary, and a row takes the same way whatever its batch.)
+    bad = [b for b, v in enumerate(probs[:, 0].tolist()) if v != v]
+    if bad:
+        probs[bad] = _softmax(logits[bad], [temperature[b] for b in bad], [top_k[b] for b in bad], shift=True)
+    return probs
+
+
+def _softmax(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], shift: bool) -> torch.Tensor:
     rows, vocab = logits.shape
     logits = logits.float()
-    if top is None:
-        top = logits.amax(dim=-1)
-    # 1/T as a float32 that is neither inf (T may be 5e-324) nor 0 (T may be 1e308: 0 * -inf
-    # would be NaN for a token the model rules out).
-    inv_t = torch.tensor([min(max(1.0 / t, F32.tiny), F32.max) for t in temperature], dtype=torch.float32)
-    # Shift so the best token is exactly 0 before scaling: then no temperature, however
-    # small or large, makes inf - inf or 0 * inf.
-    scaled = (logits - top[:, None]).mul_(inv_t[:, None])
+    # A plain number when the rows agree on 1/T (the usual case: one tensor op fewer); being
+    # a float32 value, it multiplies exactly as the tensor would.
+    inv = [_inverse_temperature(t) for t in temperature]
+    scale = inv[0] if inv.count(inv[0]) == rows else torch.tensor(inv)[:, None]
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)).mul_(scale) if shift else logits * scale
     if any(0 < k < vocab for k in top_k):  # (k >= vocab filters nothing; JSON ints can be 1e31)
         k = torch.tensor([min(max(int(k), 0), vocab) for k in top_k])
         need = (k > 0) & (k < vocab)
         kmax = int(k[need].max())
         kth = scaled.topk(kmax, dim=-1).values.gather(1, (k.clamp(1, kmax) - 1)[:, None])
         threshold = torch.where(need[:, None], kth, torch.full_like(kth, float("-inf")))
-        scaled.masked_fill_(scaled < threshold, float("-inf"))  # the best token (0) always stays
-    return torch.softmax(scaled, dim=-1, out=scaled)  # in place: one [rows, vocab] buffer, not two, in the cache
+        scaled.masked_fill_(scaled < threshold, float("-inf"))  # the best token always stays
+    return torch.softmax(scaled, dim=-1, out=scaled)  # in place: one [rows, vocab] buffer in the cache, not two
+
+
+@functools.lru_cache(maxsize=4096)
+def _inverse_temperature(t: float) -> float:
+    """1/T as a float32 value that is neither inf (T may be 5e-324) nor 0 (T may be 1e308:
+    0 * -inf would be NaN for a token the model rules out). Cached: requests reuse a few
+    temperatures, and this runs for every row at every step."""
+    return float(np.float32(min(max(1.0 / t, F32.tiny), F32.max)))
 
 
 def _sample_candidates(best: list[float], cols: list[int], top_p: float, u: float) -> int:

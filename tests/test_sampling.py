@@ -159,3 +159,19 @@ def test_every_path_picks_the_full_paths_token(temperature, top_p, top_k):
         assert fast[3] == -1 or top_p < 1e-200 or 0 < top_k < 20  # the tie is wider than the candidates
         fast_rows += sum(f >= 0 for f in fast)
     assert fast_rows > 40 * 24 // 4  # the candidates do serve most peaked rows
+
+
+def test_a_rows_probabilities_do_not_depend_on_its_batch():
+    """Rows that agree on the temperature scale by a number, others by a tensor, and a row
+    whose logits / T overflows is redone shifted: none of that may change a row's values."""
+    from serving.sampling import probabilities
+
+    x = logits_batch(6, seed=8)
+    temps, ks = [0.2, 0.2, 1e-40, 0.7, 0.2, TINY], [0, 0, 0, 5, 0, 0]
+    together = probabilities(x, temps, ks)
+    assert bool(torch.isfinite(together).all())
+    assert int(together[2].argmax()) == int(x[2].argmax()) and float(together[2].max()) == 1.0
+    for i in range(6):
+        assert torch.equal(probabilities(x[i:i + 1], temps[i:i + 1], ks[i:i + 1])[0], together[i])
+    same = probabilities(x[[0, 1, 4]], [0.2] * 3, [0] * 3)  # one temperature: the scalar route
+    assert torch.equal(same, together[[0, 1, 4]])
