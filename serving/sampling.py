@@ -66,8 +66,9 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     """One token id per row of `logits` [rows, vocab]; all rows sample (temperature > 0)."""
     rows, vocab = logits.shape
     probs = probabilities(logits, temperature, top_k)
-    q1, best = probs.max(dim=-1)  # each row's most likely token, and its probability
-    tokens, q1 = best.tolist(), q1.tolist()
+    table = probs.numpy()
+    best = table.argmax(axis=1)  # each row's most likely token (numpy's argmax: see greedy())
+    tokens, q1 = best.tolist(), table[np.arange(rows), best].tolist()
     # Path 1. (Path 3 would keep only this token: the float64 sum before the second-best
     # token is q1, which is not below top_p.)
     open_rows = [b for b in range(rows) if not (q1[b] >= top_p[b] and q1[b] > ALONE)]
@@ -90,6 +91,12 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
         for b, t in zip(full, picked.tolist()):
             tokens[b] = t
     return torch.tensor(tokens)
+
+
+def greedy(logits: torch.Tensor) -> list[int]:
+    """Each row's most likely token (the first, on a tie). Through numpy: its argmax is
+    vectorised, torch's CPU argmax is a scalar loop (0.009 ms against 0.12 ms for 32 x 4,096)."""
+    return logits.float().numpy().argmax(axis=1).tolist()
 
 
 def probabilities(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int]) -> torch.Tensor:

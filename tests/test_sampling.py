@@ -175,3 +175,18 @@ def test_a_rows_probabilities_do_not_depend_on_its_batch():
         assert torch.equal(probabilities(x[i:i + 1], temps[i:i + 1], ks[i:i + 1])[0], together[i])
     same = probabilities(x[[0, 1, 4]], [0.2] * 3, [0] * 3)  # one temperature: the scalar route
     assert torch.equal(same, together[[0, 1, 4]])
+
+
+def test_greedy_is_torchs_argmax():
+    from serving.sampling import greedy
+
+    x = torch.randn(7, VOCAB, generator=torch.Generator().manual_seed(9))
+    x[2] = 0.0  # every column ties: the first
+    x[3, [5, 9]] = 100.0  # two best: the first
+    x[4, 0] = float("-inf")
+    expected = x.argmax(dim=-1).tolist()
+    assert greedy(x) == expected and expected[2] == 0 and expected[3] == 5
+    assert greedy(x.t().contiguous().t()) == expected  # strided, as a slice of HF's logits is
+    assert greedy(x.bfloat16()) == x.bfloat16().float().argmax(dim=-1).tolist()
+    with torch.inference_mode():
+        assert greedy(x.clone()) == expected
