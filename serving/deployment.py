@@ -59,7 +59,7 @@ class Completer:
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
                  stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S):
         threads = num_threads or _replica_cpus()
-        keep_freed_memory()  # the decode loop reuses its large tensors' memory (serving/allocator.py)
+        self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/allocator.py)
         self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
         self.engine.warmup()
         self.model_name = self.engine.model_name
@@ -76,10 +76,11 @@ class Completer:
         self._times = {"requests": 0, "first_s": 0.0, "total_s": 0.0}
 
     def stats(self) -> dict[str, float]:
-        """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled."""
+        """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled;
+        malloc_tuned is 1 where serving/allocator.py's settings apply."""
         d = self.decoder
         return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
-                "cancelled": d.cancelled, **d.timings, **self._times}
+                "cancelled": d.cancelled, "malloc_tuned": float(self._malloc_tuned), **d.timings, **self._times}
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.

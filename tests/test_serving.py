@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -244,6 +245,7 @@ def test_a_failing_request_fails_alone_under_concurrent_load(service):
         ids.add(json.loads(r.error)["error"]["request_id"])
     assert len(ids) == 12  # each failure its own id
     assert replica_stats()["max_rows_seen"] > 8  # they really shared batches
+    assert replica_stats()["malloc_tuned"] == float(sys.platform.startswith("linux"))  # serving/allocator.py
     assert replica_stats()["steps"] > stats0["steps"]
     # Streamed, the failure is an in-band error event; and the loop still serves afterwards.
     with requests.post(service + "/complete", json={"prompt": POISON, "stream": True}, stream=True, timeout=60) as r:
