@@ -297,13 +297,13 @@ def main() -> int:
         sampled, sampled, greedy): a slow spell or a drift then weighs on both modes alike,
         where two back-to-back rows of several seconds each move their ratio by +-20% here."""
         done = {"greedy": [0, 0.0], "sampled": [0, 0.0]}
-        for w in range(windows):
-            mode = ("greedy", "sampled")[(w % 4) in (1, 2)]
+        for window in range(windows):
+            mode = ("greedy", "sampled")[(window % 4) in (1, 2)]
             results, wall = run_load(url, body(64, mode == "sampled"), n_requests=32 * per_worker, concurrency=32,
                                      headers=headers, stream=True)
             done[mode][0] += summarize(results, wall)["completion_tokens"]
             done[mode][1] += wall
-        tps = {m: round(t / w, 1) if w else 0.0 for m, (t, w) in done.items()}
+        tps = {m: round(tokens / wall, 1) if wall else 0.0 for m, (tokens, wall) in done.items()}
         return {"greedy_tokens_per_s": tps["greedy"], "sampled_tokens_per_s": tps["sampled"],
                 "sampled_over_greedy": round(tps["sampled"] / tps["greedy"], 3) if tps["greedy"] else float("nan"),
                 "windows": windows, "requests_per_window": 32 * per_worker}
