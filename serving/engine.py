@@ -256,8 +256,7 @@ class Engine:
                     raise RuntimeError("computing logprobs failed")
                 deltas.append(self._advance(row, token, entry))
             except Exception as e:
-                self._fail(row, e)
-                deltas.append(self._failure(row))
+                deltas.append(self.fail(row, e))
         if timings is not None:
             timings["sample_s"] += t1 - t0
             timings["sample_cpu_s"] += c1 - c0

@@ -74,9 +74,10 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
     open_rows = [b for b in range(rows) if not (q1[b] >= top_p[b] and q1[b] > ALONE)]
     if not open_rows:
         return torch.tensor(tokens)
-    # Path 2, for the top-p rows.
-    nucleus = [b for b in open_rows if top_p[b] < 1.0] if vocab > NUCLEUS_CANDIDATES else []
-    full = [b for b in open_rows if top_p[b] >= 1.0 or vocab <= NUCLEUS_CANDIDATES]
+    # Path 2, for the top-p rows (a vocabulary no larger than the candidates: path 3).
+    top_p_rows = vocab > NUCLEUS_CANDIDATES
+    nucleus = [b for b in open_rows if top_p_rows and top_p[b] < 1.0]
+    full = [b for b in open_rows if not (top_p_rows and top_p[b] < 1.0)]
     if nucleus:
         values, cols = probs[torch.tensor(nucleus)].topk(NUCLEUS_CANDIDATES, dim=-1)
         for b, v, c in zip(nucleus, values.tolist(), cols.tolist()):
@@ -85,9 +86,8 @@ def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[i
                 full.append(b)
     # Path 3.
     if full:
-        full.sort()
-        idx = torch.tensor(full)
-        picked = _sample_full(probs[idx], np.array([top_p[b] for b in full]), np.array([u[b] for b in full]))
+        picked = _sample_full(probs[torch.tensor(full)], np.array([top_p[b] for b in full]),
+                              np.array([u[b] for b in full]))
         for b, t in zip(full, picked.tolist()):
             tokens[b] = t
     return torch.tensor(tokens)
