@@ -126,7 +126,8 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     async def complete(req: CompleteRequest):
         check_new_tokens(req.max_new_tokens, backend.context_length, "max_new_tokens")
         params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                                top_p=req.top_p, top_k=req.top_k, stop=tuple(req.stop), seed=req.seed)
+                                top_p=req.top_p, top_k=req.top_k, stop=tuple(req.stop), seed=req.seed,
+                                ignore_eos=req.ignore_eos)
         prompt: Prompt = req.prompt
         if req.suffix is not None:
             if req.suffix and not backend.can_infill:

@@ -86,7 +86,7 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
             seed = None if req.seed is None else req.seed + j  # samples must differ
             params = SamplingParams(
                 max_new_tokens=max(1, max_tokens), temperature=_or(req.temperature, 1.0), top_p=_or(req.top_p, 1.0),
-                top_k=req.top_k, stop=tuple(req.stops()), seed=seed,
+                top_k=req.top_k, stop=tuple(req.stops()), seed=seed, ignore_eos=req.ignore_eos,
                 # best_of ranks by cumulative logprob: ask for it even if the client did not
                 logprobs=req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None),
                 prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,

@@ -93,6 +93,7 @@ class CompleteRequest(_Strict):
     seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     suffix: Optional[Prompt] = None  # fill in the middle (a model trained with FIM; 400 otherwise)
+    ignore_eos: bool = False  # decode to max_new_tokens past end-of-text (vLLM's benchmark parameter)
 
 
 class Usage(BaseModel):
@@ -142,6 +143,7 @@ class CompletionRequest(_Strict):
     temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default and range
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
+    ignore_eos: bool = False  # extension, as in vLLM (`vllm bench serve --ignore-eos` sends it)
     n: int = Field(1, ge=1, le=MAX_N)
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N)  # below n it is n
     stop: Union[None, StopString, list[StopString]] = None

@@ -313,7 +313,9 @@ class Engine:
         reason: Optional[str] = None
         row.generated += 1
         if token == self.eos_token_id or token in self.sentinel_ids:
-            reason = "eos"  # end-of-text / a FIM sentinel is not part of the completion
+            # End-of-text / a FIM sentinel is never part of the completion; it ends it
+            # unless the request ignores it (then the row decodes on to its length).
+            reason = None if p.ignore_eos else "eos"
         else:
             row.tokens.append(token)
             if entry is not None:

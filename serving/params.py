@@ -26,6 +26,9 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None  # the same for the prompt's tokens (`echo`)
     presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated
     frequency_penalty: float = 0.0  # subtracted once per time it has been generated
+    # Decode to max_new_tokens even past end-of-text (vLLM's benchmark parameter): the end
+    # tokens sampled meanwhile count in usage but never appear in the text.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)

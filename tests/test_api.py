@@ -48,6 +48,25 @@ def test_openai_completions_shape(client, engine):
     assert models["data"][0]["id"] == engine.model_name and models["data"][0]["max_model_len"] == 128
 
 
+@pytest.mark.parametrize("path", ["/complete", "/v1/completions"])
+def test_ignore_eos_reaches_the_engine_on_both_routes(client, engine, path):
+    """With the model's next token made its end-of-text, a request ends at once unless it
+    sends ignore_eos (vLLM's extension), which decodes to its length."""
+    first = engine.tokenizer(engine.complete("def f(x):", max_new_tokens=1).text)["input_ids"][0]
+    native = path == "/complete"
+    body = ({"prompt": "def f(x):", "max_new_tokens": 6} if native
+            else {"model": engine.model_name, "prompt": "def f(x):", "max_tokens": 6, "temperature": 0})
+    saved = engine.eos_token_id
+    engine.eos_token_id = first
+    try:
+        got = [client.post(path, json={**body, "ignore_eos": flag}).json() for flag in (False, True)]
+    finally:
+        engine.eos_token_id = saved
+    finish = [g["finish_reason"] if native else g["choices"][0]["finish_reason"] for g in got]
+    assert finish == (["eos", "length"] if native else ["stop", "length"])
+    assert [g["usage"]["completion_tokens"] for g in got] == [1, 6]
+
+
 def test_openai_stream_with_usage(client, engine):
     r = client.post("/v1/completions", json={"model": engine.model_name, "prompt": "x", "max_tokens": 6,
                                               "temperature": 0, "stream": True,
@@ -68,6 +87,7 @@ def test_openai_stream_with_usage(client, engine):
     ("/complete", {"json": {"prompt": "x", "max_new_tokens": 128}}, 422, "max_new_tokens"),
     ("/complete", {"json": {"prompt": "x", "temperature": "warm"}}, 422, "temperature"),
     ("/complete", {"json": {"prompt": "x", "bogus": 1}}, 422, "bogus"),
+    ("/complete", {"json": {"prompt": "x", "ignore_eos": 1}}, 422, "ignore_eos"),  # strict: 1 is not true
     ("/complete", {"json": {"prompt": "x" * (MAX_BODY_BYTES + 1)}}, 413, "body"),
     ("/v1/completions", {"json": {"model": "other", "prompt": "x"}}, 404, "model"),
     ("/v1/completions", {"json": {"model": "MODEL", "prompt": "x", "logit_bias": {"1": 1.0}}}, 422, "logit_bias"),

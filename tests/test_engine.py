@@ -90,6 +90,25 @@ def test_eos_ends_with_reason_eos(engine):
     assert (c.text, c.finish_reason, c.completion_tokens) == ("", "eos", 1)
 
 
+def test_ignore_eos_decodes_to_length_and_leaves_end_tokens_out(engine):
+    """vLLM's ignore_eos: the row decodes past end-of-text to max_new_tokens; the end tokens
+    count in usage but are in neither the text nor the logprobs."""
+    plain = engine.generate([PROMPTS[0]], [SamplingParams(max_new_tokens=10, logprobs=0)])[0]
+    ids = [e.id for e in plain.logprobs]
+    first = ids[0]
+    saved = engine.eos_token_id
+    engine.eos_token_id = first  # the model's very next token is now "end of text"
+    try:
+        ended = engine.complete(PROMPTS[0], max_new_tokens=10)
+        c = engine.generate([PROMPTS[0]], [SamplingParams(max_new_tokens=10, logprobs=0, ignore_eos=True)])[0]
+    finally:
+        engine.eos_token_id = saved
+    assert (ended.finish_reason, ended.completion_tokens) == ("eos", 1)  # the control: eos does end it
+    kept = [t for t in ids if t != first]
+    assert (c.finish_reason, c.completion_tokens) == ("length", 10)
+    assert [e.id for e in c.logprobs] == kept and c.text == engine.detokenize(kept)
+
+
 def test_long_prompt_keeps_its_tail(engine):
     long_prompt = "x = [" + ", ".join(str(i) for i in range(400)) + "]\n"
     c = engine.complete(long_prompt, max_new_tokens=30)
