@@ -274,7 +274,7 @@ class Engine:
         picked_rows = [rows[b] for b in sampled]
         x = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled)]
         picked = sample(x, [r.params.temperature for r in picked_rows], [r.params.top_k for r in picked_rows],
-                        [r.params.top_p for r in picked_rows], _Draws(picked_rows)).tolist()
+                        [r.params.top_p for r in picked_rows], _Draws(picked_rows))
         if len(sampled) == len(rows):
             return picked
         choice = greedy(logits)

@@ -62,35 +62,34 @@ def uniform(key: int, step: int) -> float:
 
 
 def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
-           u: Sequence[float]) -> torch.Tensor:
+           u: Sequence[float]) -> list[int]:
     """One token id per row of `logits` [rows, vocab]; all rows sample (temperature > 0)."""
     rows, vocab = logits.shape
-    probs = probabilities(logits, temperature, top_k)
-    table = probs.numpy()
-    best = table.argmax(axis=1)  # each row's most likely token (numpy's argmax: see greedy())
-    tokens, q1 = best.tolist(), table[np.arange(rows), best].tolist()
+    probs, tokens, q1 = _scored(logits, temperature, top_k)
     # Path 1. (Path 3 would keep only this token: the float64 sum before the second-best
     # token is q1, which is not below top_p.)
     open_rows = [b for b in range(rows) if not (q1[b] >= top_p[b] and q1[b] > ALONE)]
     if not open_rows:
-        return torch.tensor(tokens)
+        return tokens
+    # Rows are picked out through numpy: torch's indexing costs several times more here.
+    table = probs.numpy()
     # Path 2, for the top-p rows (a vocabulary no larger than the candidates: path 3).
     top_p_rows = vocab > NUCLEUS_CANDIDATES
     nucleus = [b for b in open_rows if top_p_rows and top_p[b] < 1.0]
     full = [b for b in open_rows if not (top_p_rows and top_p[b] < 1.0)]
     if nucleus:
-        values, cols = probs[torch.tensor(nucleus)].topk(NUCLEUS_CANDIDATES, dim=-1)
+        values, cols = torch.from_numpy(table[nucleus]).topk(NUCLEUS_CANDIDATES, dim=-1)
         for b, v, c in zip(nucleus, values.tolist(), cols.tolist()):
             tokens[b] = _sample_candidates(v, c, top_p[b], u[b])
             if tokens[b] < 0:
                 full.append(b)
     # Path 3.
     if full:
-        picked = _sample_full(probs[torch.tensor(full)], np.array([top_p[b] for b in full]),
+        picked = _sample_full(torch.from_numpy(table[full]), np.array([top_p[b] for b in full]),
                               np.array([u[b] for b in full]))
         for b, t in zip(full, picked.tolist()):
             tokens[b] = t
-    return torch.tensor(tokens)
+    return tokens
 
 
 def greedy(logits: torch.Tensor) -> list[int]:
@@ -102,15 +101,29 @@ def greedy(logits: torch.Tensor) -> list[int]:
 def probabilities(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int]) -> torch.Tensor:
     """Each row's softmax(logits / T) over the tokens its top-k keeps (top_k 0 or >= vocab:
     all) [rows, vocab]."""
+    return _scored(logits, temperature, top_k)[0]
+
+
+def _scored(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int]) -> tuple[torch.Tensor, list[int], list[float]]:
+    """probabilities(), with each row's most likely token and its probability (numpy's argmax:
+    see greedy(); the first of equals)."""
+    rows = logits.shape[0]
     probs = _softmax(logits, temperature, top_k, shift=False)
-    # A temperature so low that logits / T overflows float32 makes the row NaN. Such rows
-    # again, shifted so that their best token is exactly 0 before scaling: then no
-    # temperature, however small, makes inf - inf. (Not every row: the shift is one more
-    # pass over the vocabulary, and a row takes the same way whatever its batch.)
-    bad = [b for b, v in enumerate(probs[:, 0].tolist()) if v != v]
+    table = probs.numpy()
+    best = table.argmax(axis=1)
+    q1 = table[np.arange(rows), best].tolist()
+    # A temperature so low that logits / T overflows float32 makes the row NaN (all of it: its
+    # sum is NaN; argmax then finds a NaN). Such rows again, shifted so that their best
+    # token is exactly 0 before scaling: then no temperature, however small, makes inf - inf.
+    # (Not every row: the shift is one more pass over the vocabulary, and a row takes the
+    # same way whatever its batch.)
+    bad = [b for b in range(rows) if q1[b] != q1[b]]
     if bad:
         probs[bad] = _softmax(logits[bad], [temperature[b] for b in bad], [top_k[b] for b in bad], shift=True)
-    return probs
+        best[bad] = table[bad].argmax(axis=1)
+        for b in bad:
+            q1[b] = float(table[b, best[b]])
+    return probs, best.tolist(), q1
 
 
 def _softmax(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], shift: bool) -> torch.Tensor:

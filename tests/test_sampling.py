@@ -34,10 +34,9 @@ def test_any_temperature_and_top_p_give_valid_tokens(temperature, top_p):
     x = logits_batch(4)
     for u in EDGES_U:
         ids = sample(x, [temperature] * 4, [0] * 4, [top_p] * 4, [u] * 4)
-        assert ids.shape == (4,) and ids.dtype == torch.long
-        assert bool(((ids >= 0) & (ids < VOCAB)).all())
+        assert len(ids) == 4 and all(type(i) is int and 0 <= i < VOCAB for i in ids)
         if u == 0.5 and temperature <= 100:  # the dominant token, unless the temperature flattens it
-            assert int(ids[0]) == 7
+            assert ids[0] == 7
 
 
 @pytest.mark.parametrize("top_k", EDGES_K)
@@ -46,16 +45,16 @@ def test_any_top_k_gives_valid_tokens(top_k, temperature):
     x = logits_batch(3)
     for u in EDGES_U:
         ids = sample(x, [temperature] * 3, [top_k] * 3, [1.0] * 3, [u] * 3)
-        assert bool(((ids >= 0) & (ids < VOCAB)).all())
+        assert len(ids) == 3 and all(0 <= i < VOCAB for i in ids)
 
 
 def test_tiny_top_p_and_top_k_1_and_tiny_temperature_are_greedy():
     x = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(1))
-    greedy = x.argmax(-1)
+    greedy = x.argmax(-1).tolist()
     for u in (0.0, 0.3, 0.999999):
-        assert torch.equal(sample(x, [1.0] * 6, [0] * 6, [1e-300] * 6, [u] * 6), greedy)
-        assert torch.equal(sample(x, [1.0] * 6, [1] * 6, [1.0] * 6, [u] * 6), greedy)
-        assert torch.equal(sample(x, [TINY] * 6, [0] * 6, [1.0] * 6, [u] * 6), greedy)
+        assert sample(x, [1.0] * 6, [0] * 6, [1e-300] * 6, [u] * 6) == greedy
+        assert sample(x, [1.0] * 6, [1] * 6, [1.0] * 6, [u] * 6) == greedy
+        assert sample(x, [TINY] * 6, [0] * 6, [1.0] * 6, [u] * 6) == greedy
 
 
 def test_filters_keep_only_allowed_tokens():
@@ -92,7 +91,7 @@ def test_draws_depend_on_seed_and_step_only():
     temps, ks, ps = [0.7, 1.0, 1.3, 0.2, 2.0], [0, 40, 0, 5, 0], [0.9, 1.0, 0.95, 1.0, 0.5]
     together = sample(x, temps, ks, ps, u)
     alone = [int(sample(x[i:i + 1], temps[i:i + 1], ks[i:i + 1], ps[i:i + 1], u[i:i + 1])[0]) for i in range(5)]
-    assert together.tolist() == alone  # a row's token does not depend on its batch-mates
+    assert together == alone  # a row's token does not depend on its batch-mates
 
 
 def full_path(x, temperature, top_k, top_p, u):
@@ -117,7 +116,7 @@ def test_a_nucleus_wider_than_the_candidates_takes_the_full_path():
         fast = [_sample_candidates(v, c, 0.5, d) for v, c, d in zip(values.tolist(), cols.tolist(), u)]
         assert fast[0] == -1 and 0 <= full[0] < 20
         assert fast[1] == full[1] and full[1] in (0, 1)
-        assert sample(x, [1.0, 1.0], [0, 0], [0.5, 0.5], u).tolist() == full
+        assert sample(x, [1.0, 1.0], [0, 0], [0.5, 0.5], u) == full
 
 
 def test_a_token_that_carries_top_p_alone_is_what_the_full_path_keeps():
@@ -130,7 +129,7 @@ def test_a_token_that_carries_top_p_alone_is_what_the_full_path_keeps():
         for step in range(25):
             u = [uniform(row_key(r), step) for r in range(8)]
             probs, full = full_path(x, 1.0, 0, top_p, u)
-            assert sample(x, [1.0] * 8, [0] * 8, [top_p] * 8, u).tolist() == full
+            assert sample(x, [1.0] * 8, [0] * 8, [top_p] * 8, u) == full
             q1 = probs[:, 3].tolist()
             settled += sum(q >= top_p and q > 0.51 for q in q1)
             assert all(f == 3 for f, q in zip(full, q1) if q >= top_p and q > 0.51)
@@ -154,7 +153,7 @@ def test_every_path_picks_the_full_paths_token(temperature, top_p, top_k):
         probs, full = full_path(x, temperature, top_k, top_p, u)
         values, cols = probs.topk(NUCLEUS_CANDIDATES, dim=-1)
         fast = [_sample_candidates(v, c, top_p, d) for v, c, d in zip(values.tolist(), cols.tolist(), u)]
-        assert sample(x, [temperature] * 24, [top_k] * 24, [top_p] * 24, u).tolist() == full
+        assert sample(x, [temperature] * 24, [top_k] * 24, [top_p] * 24, u) == full
         assert all(f in (-1, t) for f, t in zip(fast, full))
         assert fast[3] == -1 or top_p < 1e-200 or 0 < top_k < 20  # the tie is wider than the candidates
         fast_rows += sum(f >= 0 for f in fast)
