@@ -55,8 +55,8 @@ class BatchState:
         """Feed each row its newest token; return next-token logits [rows, vocab].
         fast: the model's written-out decode step (serving/gpt2_step.py), if it has one.
         If it raises, the state is as it was before (so its rows can be retried)."""
-        # Every update below replaces a tensor rather than writing into one: holding the
-        # old references is the whole snapshot.
+        # Every update below replaces a tensor, or (the written-out step's cache) writes only
+        # past the end of the old one: holding the old references is the whole snapshot.
         before = (self.attention, self.positions, self.cache, [(l.keys, l.values) for l in self.cache.layers])
         try:
             ones = torch.ones((len(self), 1), dtype=torch.long)

@@ -94,8 +94,7 @@ class GPT2Step:
             a = F.layer_norm(x, (d,), block.ln_1.weight, block.ln_1.bias, self.eps)
             qkv = torch.addmm(block.attn.c_attn.bias, a, block.attn.c_attn.weight)  # HF Conv1D: x @ W + b
             q, k, v = (t.view(rows, 1, h, hd).transpose(1, 2) for t in qkv.split(d, dim=1))
-            layer.keys = torch.cat([layer.keys, k], dim=-2)
-            layer.values = torch.cat([layer.values, v], dim=-2)
+            layer.keys, layer.values = _append(layer, "keys", k), _append(layer, "values", v)
             y = F.scaled_dot_product_attention(q, layer.keys, layer.values, attn_mask=mask, scale=self.scale)
             x = x + torch.addmm(block.attn.c_proj.bias, y.reshape(rows, d), block.attn.c_proj.weight)
             a = F.layer_norm(x, (d,), block.ln_2.weight, block.ln_2.bias, self.eps)
@@ -103,3 +102,44 @@ class GPT2Step:
             x = x + torch.addmm(block.mlp.c_proj.bias, a, block.mlp.c_proj.weight)
         x = F.layer_norm(x, (d,), self.ln_f.weight, self.ln_f.bias, self.eps)
         return F.linear(x, self.head, self.head_bias).float()
+
+
+SPARE_COLUMNS = 32  # room for this many more steps after a buffer is (re)allocated
+
+
+def _append(layer, name: str, col: torch.Tensor) -> torch.Tensor:
+    """The layer's keys or values [rows, heads, width, head_dim] with `col` [rows, heads, 1,
+    head_dim] appended as the newest column.
+
+    Written in place when they are a view into a buffer this function allocated for the layer
+    and the buffer has room after them: torch.cat would copy the whole cache every step, which
+    at c32 costs more than the attention that reads it. Otherwise (the first step, or after a
+    merge or keep, which copy the cache) they move into a new buffer with SPARE_COLUMNS free
+    columns. Views already handed out stay valid: columns are only ever written past their
+    end, so the state a failed step rolls back to is untouched."""
+    t = getattr(layer, name)
+    rows, heads, width, dim = t.shape
+    room = getattr(layer, "_room_" + name, None)
+    start = _start_in(room, t) if room is not None else None
+    if start is not None and start + width < room.shape[2]:
+        room[:, :, start + width] = col[:, :, 0]
+        return room[:, :, start:start + width + 1]
+    room = t.new_empty((rows, heads, width + 1 + SPARE_COLUMNS, dim))
+    room[:, :, :width] = t
+    room[:, :, width] = col[:, :, 0]
+    setattr(layer, "_room_" + name, room)
+    return room[:, :, :width + 1]
+
+
+def _start_in(room: torch.Tensor, t: torch.Tensor) -> Optional[int]:
+    """The column where `t` starts if it is room[:, :, start:start + width], else None."""
+    if (t.dtype != room.dtype or t.shape[0] != room.shape[0] or t.shape[1] != room.shape[1]
+            or t.shape[3] != room.shape[3] or t.stride() != room.stride()
+            or t.untyped_storage().data_ptr() != room.untyped_storage().data_ptr()):
+        return None
+    offset = t.storage_offset() - room.storage_offset()
+    column = room.stride(2)
+    if offset < 0 or offset % column or offset // column >= room.shape[2]:
+        return None
+    return offset // column
+

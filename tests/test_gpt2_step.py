@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from serving.batch_state import BatchState
 from serving.engine import Engine
+from serving import gpt2_step
 from serving.gpt2_step import decoder_for
 
 TOL = 2e-4  # fp32 logits of a small GPT-2: different kernels, same sums in another order
@@ -62,6 +63,30 @@ def test_matches_the_models_forward_through_keep_and_merge(activation):
         assert (a - b).abs().max().item() < TOL, f"step {s}"
     # And the tokens chosen are the same all the way.
     assert [t.argmax(-1).tolist() for t in got] == [t.argmax(-1).tolist() for t in ref]
+
+
+@pytest.mark.parametrize("spare", [1, 3])
+def test_the_cache_grows_in_place_and_still_matches(spare, monkeypatch):
+    """New keys and values go into spare columns after the cache (no copy a step); with
+    little room, buffers are re-made every few steps, through keep and merge, and the logits
+    still match the model's forward."""
+    monkeypatch.setattr(gpt2_step, "SPARE_COLUMNS", spare)
+    model = _model()
+    fast = decoder_for(model)
+    ops = {2: ("keep", [0, 2, 3]), 4: ("merge", [[5, 6, 7, 8, 9, 10, 11], [12]]), 7: ("keep", [3, 1])}
+    ref, got = _run(model, None, 12, ops), _run(model, fast, 12, ops)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < TOL
+
+    state, logits = BatchState.prefill(model, _prompts(3), pad_id=0, fast=fast)
+    buffers = []
+    for _ in range(2 * (spare + 1)):
+        before = [(l.keys, l.keys.clone()) for l in state.cache.layers]
+        logits = state.step(model, logits.argmax(-1).tolist(), fast)
+        buffers.append(state.cache.layers[0].keys.untyped_storage().data_ptr())
+        # what earlier steps handed out is never written over
+        assert all(torch.equal(view, copy) for view, copy in before)
+    # one buffer per spare + 1 steps: the first step moves the prefill's cache into one
+    assert len(set(buffers)) == 2 and buffers[0] == buffers[spare]
 
 
 def test_a_wrong_step_would_be_caught():
