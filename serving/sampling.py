@@ -133,14 +133,23 @@ def _softmax(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence
     # a float32 value, it multiplies exactly as the tensor would.
     inv = [_inverse_temperature(t) for t in temperature]
     scale = inv[0] if inv.count(inv[0]) == rows else torch.tensor(inv)[:, None]
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)).mul_(scale) if shift else logits * scale
+    if shift:
+        scaled = (logits - logits.amax(dim=-1, keepdim=True)).mul_(scale)
+    elif isinstance(scale, float) and scale == 1.0:
+        scaled = None  # T = 1 (OpenAI's default): x * 1 is x, so no pass over the vocabulary
+    else:
+        scaled = logits * scale
     if any(0 < k < vocab for k in top_k):  # (k >= vocab filters nothing; JSON ints can be 1e31)
+        if scaled is None:
+            scaled = logits.clone()  # the caller's logits stay as they are
         k = torch.tensor([min(max(int(k), 0), vocab) for k in top_k])
         need = (k > 0) & (k < vocab)
         kmax = int(k[need].max())
         kth = scaled.topk(kmax, dim=-1).values.gather(1, (k.clamp(1, kmax) - 1)[:, None])
         threshold = torch.where(need[:, None], kth, torch.full_like(kth, float("-inf")))
         scaled.masked_fill_(scaled < threshold, float("-inf"))  # the best token always stays
+    if scaled is None:
+        return torch.softmax(logits, dim=-1)
     return torch.softmax(scaled, dim=-1, out=scaled)  # in place: one [rows, vocab] buffer in the cache, not two
 
 

@@ -174,6 +174,14 @@ def test_a_rows_probabilities_do_not_depend_on_its_batch():
         assert torch.equal(probabilities(x[i:i + 1], temps[i:i + 1], ks[i:i + 1])[0], together[i])
     same = probabilities(x[[0, 1, 4]], [0.2] * 3, [0] * 3)  # one temperature: the scalar route
     assert torch.equal(same, together[[0, 1, 4]])
+    # Temperature 1 skips the multiply (x * 1 is x): the same values as through a tensor of
+    # 1/T, and the caller's logits untouched, with and without top-k.
+    for k in (0, 5):
+        before = x.clone()
+        alone = probabilities(x, [1.0] * 6, [k] * 6)
+        assert torch.equal(x, before)
+        mixed = probabilities(x, [1.0] * 5 + [0.5], [k] * 6)  # a tensor scale, 1.0 in the first five rows
+        assert torch.equal(alone[:5], mixed[:5])
 
 
 def test_greedy_is_torchs_argmax():
