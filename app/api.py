@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth import bearer_dependency
-from app.errors import APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
+from app.errors import BODY_TIMEOUT_S, APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
 from app.playground import install_playground
 from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, DetokenizeRequest, ErrorResponse,
                          Health, ModelCard, ModelList, Usage)
@@ -86,6 +86,7 @@ ERROR_MEANINGS = {
     400: "The body is missing or is not valid JSON.",
     401: "Missing or wrong `Authorization: Bearer <key>` (only when the server has COMPLETE_API_KEY).",
     404: "No such model: `model` must be the one GET /v1/models lists.",
+    408: f"The body did not arrive within {BODY_TIMEOUT_S:g} s of the request.",
     413: "The body is larger than the server accepts.",
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "A field is missing, unknown, of the wrong type or out of range; `error.field` names it.",
@@ -112,7 +113,7 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     auth = [Depends(bearer_dependency(api_key))]
     denied = (401,) if api_key else ()
-    body_errors = (400, *denied, 413, 415, 422, 500)
+    body_errors = (400, *denied, 408, 413, 415, 422, 500)
     install_playground(app)  # GET /: a page to try the model (it calls the routes below)
 
     @app.get("/health", response_model=Health, responses=errors(503))

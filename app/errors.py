@@ -7,6 +7,7 @@ message) plus `field`, the name of the offending request field. Validation failu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any, Optional
@@ -23,7 +24,8 @@ from serving.params import GenerationError
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "request_too_large", 415: "invalid_request_error",
+               405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large",
+               415: "invalid_request_error",
                422: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
 
 
@@ -115,15 +117,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return failure_response(exc)
 
 
+# A body that has not arrived this long after the request did is a 408, not a request that
+# waits for ever: a stalled client, or (seen under Ray Serve 2.60) a request the proxy re-sent
+# to a new replica after its first replica died, whose body the proxy then never delivered.
+BODY_TIMEOUT_S = 30.0
+
+
 class BodyLimitMiddleware:
-    """Reject bodies over `limit` bytes with 413 before anything parses them.
+    """Reject bodies over `limit` bytes with 413 before anything parses them, and bodies that
+    do not arrive within `timeout_s` with 408.
 
     Checks Content-Length up front and also counts a chunked body as it arrives (buffered:
     bodies here are small), so a client cannot make the server hold an unbounded body.
     """
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, timeout_s: Optional[float] = None):
         self.app, self.limit = app, limit
+        self.timeout_s = BODY_TIMEOUT_S if timeout_s is None else timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -142,7 +152,13 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("request body not received within %g s: answered 408", self.timeout_s)
+                await error_response(408, f"request body not received within {self.timeout_s:g} s",
+                                     "body")(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -5,6 +5,7 @@ The same app runs inside the Serve replica; tests/test_serving.py checks it ther
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from fastapi.testclient import TestClient
@@ -110,6 +111,48 @@ def test_chunked_body_over_the_cap_is_413(client):
     assert r.status_code == 413 and r.json()["error"]["field"] == "body"
 
 
+def test_a_body_that_never_arrives_is_a_408_naming_body(engine, monkeypatch):
+    """A real server and a client that sends its headers and part of a body, then stalls:
+    a 408 naming `body` after the timeout, not a request that waits for ever."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from app import errors
+
+    monkeypatch.setattr(errors, "BODY_TIMEOUT_S", 0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(LocalBackend(engine)), host="127.0.0.1", port=port,
+                                           log_level="error"))
+    runner = threading.Thread(target=server.run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start within 30 s"
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+            c.sendall(b"POST /complete HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            t0, reply = time.monotonic(), b""
+            while b"}}" not in reply:
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            waited = time.monotonic() - t0
+    finally:
+        server.should_exit = True
+        runner.join(10)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["field"] == "body" and 0.4 < waited < 10
+
+
 def test_unknown_route_and_method_are_json_4xx(client):
     assert client.get("/nope").json()["error"]["code"] == 404
     r = client.get("/complete")
@@ -132,8 +175,8 @@ def test_auth_on_guards_all_but_health(engine):
 def test_openapi_documents_statuses_and_model_limits(client, engine):
     schema = client.get("/openapi.json").json()
     ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
-    assert set(ops["POST", "/complete"]["responses"]) == {"200", "400", "413", "415", "422", "500"}
-    assert set(ops["POST", "/v1/completions"]["responses"]) == {"200", "400", "404", "413", "415", "422", "500"}
+    assert set(ops["POST", "/complete"]["responses"]) == {"200", "400", "408", "413", "415", "422", "500"}
+    assert set(ops["POST", "/v1/completions"]["responses"]) == {"200", "400", "404", "408", "413", "415", "422", "500"}
     assert set(ops["GET", "/health"]["responses"]) == {"200", "503"}
     err = ops["POST", "/complete"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert err == {"$ref": "#/components/schemas/ErrorResponse"}
