@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 408: "request_timeout", 413: "request_too_large",
-               415: "invalid_request_error",
-               422: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
+               415: "invalid_request_error", 422: "invalid_request_error", 503: "service_unavailable",
+               500: "server_error"}
 
 
 class APIError(Exception):
@@ -151,9 +151,10 @@ class BodyLimitMiddleware:
                     return
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s  # for the whole body, not each chunk
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except asyncio.TimeoutError:
                 log.warning("request body not received within %g s: answered 408", self.timeout_s)
                 await error_response(408, f"request body not received within {self.timeout_s:g} s",

@@ -1,8 +1,8 @@
 """Keep freed memory in the process: glibc malloc settings for a decode loop.
 
-A decode step allocates and frees the same few large tensors every step: the KV cache,
-which grows by one column per step (torch.cat makes a new tensor of every layer's keys and
-values), the logits, the sampler's buffers. glibc gives such blocks to the system when they
+A decode step allocates and frees the same few large tensors every step: the logits, the
+sampler's buffers, and a new KV cache buffer after every merge or trim (serving/gpt2_step.py;
+the figures below are from before the cache grew in place, when torch.cat made one a step). glibc gives such blocks to the system when they
 are freed (mmap'd blocks, and the top of a heap past the trim threshold) and the next step
 faults every page of them in again, zeroed by the kernel. Its thresholds adapt, but not to
 a batch whose rows join and leave at any step (every size differs): on runs/tiny/model at
