@@ -20,8 +20,8 @@ from app.errors import BODY_TIMEOUT_S, APIError, BodyLimitMiddleware, error_body
 from app.playground import install_playground
 from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, DetokenizeRequest, ErrorResponse,
                          Health, ModelCard, ModelList, Usage)
-from serving.fim import Infill
-from serving.params import Delta, GenerationError, SamplingParams
+from serving.engine.fim import Infill
+from serving.engine.params import Delta, GenerationError, SamplingParams
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

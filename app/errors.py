@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.schemas import MAX_BODY_BYTES
-from serving.params import GenerationError
+from serving.engine.params import GenerationError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ POST /tokenize, /detokenize.
 What a request becomes: one job per (prompt, sample). `n` samples per prompt (seeds
 seed, seed+1, ...: samples must differ), or `best_of` candidates of which the `n` with the
 highest cumulative logprob are returned (vLLM's rule). A `suffix` turns a text prompt into
-a fill-in-the-middle request (serving/fim.py builds the prompt; only the middle comes back).
+a fill-in-the-middle request (serving/engine/fim.py builds the prompt; only the middle comes back).
 `echo` puts the prompt before the completion, and with `logprobs` scores the prompt's
 tokens too; with `max_tokens` 0 nothing is generated: the prompt is only scored.
 `text_offset` counts characters from the start of the choice's text.
@@ -25,8 +25,8 @@ from fastapi.responses import StreamingResponse
 from app.errors import APIError, failure_body
 from app.schemas import (CompletionChoice, CompletionRequest, CompletionResponse, CompletionUsage,
                          DetokenizeRequest, DetokenizeResponse, Logprobs, TokenizeRequest, TokenizeResponse)
-from serving.fim import Infill, parse_psm
-from serving.params import Delta, SamplingParams, TokenLogprob
+from serving.engine.fim import Infill, parse_psm
+from serving.engine.params import Delta, SamplingParams, TokenLogprob
 
 
 @dataclass

@@ -51,7 +51,7 @@ def config(out: Path, fim_rate: float, a: argparse.Namespace, tokenizer: str | N
 
 
 def infilling(model_dir: Path, problems: list, left_to_right: bool) -> dict:
-    from serving.params import SamplingParams
+    from serving.engine.params import SamplingParams
     from training.eval.humaneval import score
     from training.eval.infilling import cut_for, exact_match, generate_with_engine, stops_for
 
@@ -74,7 +74,7 @@ def main() -> None:
 
     from training.data.pipeline import prepare_data
     from training.eval.infilling import load_problems
-    from training.job import run_job
+    from training.train.job import run_job
 
     out = Path(a.output or tempfile.mkdtemp(prefix="bench_fim_"))
     t0 = time.time()

@@ -17,7 +17,7 @@ end at eos) are reported beside it.
 
 Without --url it starts the service itself (local Ray, Serve on a free loopback port, one
 replica with --num-cpus CPUs). With --ingress direct it starts it in Ray Serve's
-throughput-optimised mode (serving/ingress.py): the rows and targets are measured on the
+throughput-optimised mode (serving/deployment/ingress.py): the rows and targets are measured on the
 replica's own HTTP port, and every row is run a second time through the head's proxy in
 the same minute (`http_via_proxy`, and `direct_over_proxy`: the ratios, median over the
 repeats). The profile also gives the decode thread's CPU time beside its wall time (the
@@ -65,8 +65,8 @@ def stand_in_checkpoint(out: Path, steps: int = 60) -> Path:
     import torch
 
     from training.config import DataConfig, ModelConfig
-    from training.model import build_model
-    from training.tokenizer import save_tokenizer, train_tokenizer
+    from training.train.model import build_model
+    from training.data.tokenizer import save_tokenizer, train_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("*.py"))[:80]]
@@ -99,14 +99,14 @@ def free_port() -> int:
 def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_ms: float,
                   ingress: str = "proxy") -> tuple[str, Optional[str]]:
     """Start the service; returns (the proxy's URL, the replica's own URL with --ingress direct)."""
-    from serving.ingress import replica_urls, use_direct_ingress
+    from serving.deployment.ingress import replica_urls, use_direct_ingress
 
     if ingress == "direct":
         use_direct_ingress()  # before Ray starts and ray.serve loads
     import ray
     from ray import serve
 
-    from serving.deployment import Completer, deploy_options
+    from serving.deployment.replica import Completer, deploy_options
 
     # Workers inherit PYTHONPATH from this process (a runtime_env would make Ray start
     # every worker afresh instead of using the prestarted ones).
@@ -126,8 +126,8 @@ def in_process(checkpoint: Path, threads: int, max_new_tokens: int, n: int) -> t
     """The same model generating one request at a time in this process: our loop and HF generate."""
     import torch
 
-    from serving.allocator import keep_freed_memory
-    from serving.engine import Engine
+    from serving.deployment.allocator import keep_freed_memory
+    from serving.engine.engine import Engine
 
     keep_freed_memory()  # as the replica does
     engine = Engine(checkpoint, num_threads=threads)
@@ -162,13 +162,13 @@ def paired_overhead(url: str, checkpoint: Path, num_cpus: float, threads: int, m
     it), n times, so machine drift hits both sides alike."""
     import ray
 
-    from serving.engine import Engine
+    from serving.engine.engine import Engine
     from serving.loadtest import Client, timed
 
     @ray.remote(num_cpus=num_cpus)
     class InProcess:
         def __init__(self):
-            from serving.allocator import keep_freed_memory
+            from serving.deployment.allocator import keep_freed_memory
 
             keep_freed_memory()  # as the replica does
             self.engine = Engine(checkpoint, num_threads=threads)
@@ -221,7 +221,7 @@ def profile(before: dict, after: dict, results: list, wall_s: float) -> dict:
 
 
 def main() -> int:
-    from serving.ingress import INGRESS_MODES
+    from serving.deployment.ingress import INGRESS_MODES
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
@@ -238,7 +238,7 @@ def main() -> int:
                          "port, and every row is also run through the head's proxy in the same minute")
     args = ap.parse_args()
 
-    from serving.engine import check_checkpoint
+    from serving.engine.engine import check_checkpoint
     from serving.loadtest import run_load, summarize
 
     if args.checkpoint:

@@ -43,7 +43,7 @@ def seed_way(texts: list[str], tokenizer_dir: Path, context_length: int, num_pro
     """The course's tokenize step, timed from the texts in memory to the chunk dataset."""
     from datasets import Dataset, disable_progress_bars
 
-    from training.tokenizer import load_tokenizer
+    from training.data.tokenizer import load_tokenizer
 
     disable_progress_bars()
     tokenizer = load_tokenizer(tokenizer_dir)

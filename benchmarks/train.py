@@ -50,7 +50,7 @@ def matmul_gflops(dtype_name: str = "float32", n: int = 2048, reps: int = 10) ->
 def flops_per_token(model_config, context: int) -> float:
     from transformers import GPT2LMHeadModel
 
-    from training.model import count_parameters
+    from training.train.model import count_parameters
 
     model = GPT2LMHeadModel(model_config)
     n = count_parameters(model) - model.transformer.wpe.weight.numel()  # position lookup: no matmul
@@ -64,9 +64,9 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from training.metrics import Throughput
-    from training.model import build_model
-    from training.tokenizer import load_tokenizer
+    from training.train.metrics import Throughput
+    from training.train.model import build_model
+    from training.data.tokenizer import load_tokenizer
 
     def chunks(path):
         col = pq.read_table(str(path), columns=["input_ids"]).column("input_ids").combine_chunks()
@@ -127,9 +127,9 @@ def main() -> None:
 
     from training.config import JobConfig
     from training.data.pipeline import prepare_data
-    from training.job import run_job
-    from training.model import gpt2_config
-    from training.tokenizer import load_tokenizer
+    from training.train.job import run_job
+    from training.train.model import gpt2_config
+    from training.data.tokenizer import load_tokenizer
 
     out = Path(a.output or tempfile.mkdtemp(prefix="bench_train_"))
     cfg = JobConfig.from_preset("tiny")

@@ -1,7 +1,7 @@
 """An in-process Backend for the FastAPI app: the Engine without Ray, one request at a time.
 
 For unit tests of the HTTP layer and for debugging the app without a cluster. It does not
-batch; the Serve deployment (serving/deployment.py) is what production runs.
+batch; the Serve deployment (serving/deployment/replica.py) is what production runs.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from serving.engine import Engine
-from serving.params import Delta, SamplingParams
+from serving.engine.engine import Engine
+from serving.engine.params import Delta, SamplingParams
 
 
 class LocalBackend:

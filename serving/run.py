@@ -4,7 +4,7 @@ Checks the checkpoint (fails in a second, naming it, before any Ray work), joins
 cluster in RAY_ADDRESS or starts a local one, starts Serve's HTTP proxy on host:port,
 deploys the completion app, prints its URL and serves until Ctrl-C / SIGTERM.
 With `--ingress direct` each replica also serves HTTP itself, with no proxy in between
-(Ray Serve's throughput-optimised mode, serving/ingress.py): the URLs it prints after
+(Ray Serve's throughput-optimised mode, serving/deployment/ingress.py): the URLs it prints after
 "replicas:" answer the same API, with 2.4x the requests/s on 2 cores (docs/serving.md).
 For clusters, `serve deploy serving/config.yaml` does the same from a config file.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 # `python serving/run.py` puts serving/ on sys.path, not the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.engine import CheckpointError, check_checkpoint  # noqa: E402
-from serving.ingress import INGRESS_MODES, cluster_has_direct_ingress, replica_urls, use_direct_ingress  # noqa: E402
+from serving.engine.engine import CheckpointError, check_checkpoint  # noqa: E402
+from serving.deployment.ingress import INGRESS_MODES, cluster_has_direct_ingress, replica_urls, use_direct_ingress  # noqa: E402
 
 APP_NAME = "complete"
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from serving.deployment import Completer, deploy_options, key_env
+    from serving.deployment.replica import Completer, deploy_options, key_env
     from training.ray_utils import init_ray
 
     init_ray()

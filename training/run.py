@@ -13,7 +13,7 @@ from pathlib import Path
 # `python training/run.py` puts training/ on sys.path, not the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.cli import parse  # noqa: E402
+from training.config.cli import parse  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             prepared = prepare_data(cfg)
             print(f"data ready under {prepared.root}: {prepared.stats_path}")
             return 0
-        from training.job import run_job
+        from training.train.job import run_job
 
         run_job(cfg)
         return 0

@@ -28,9 +28,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-PREFIX, MIDDLE, SUFFIX, PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
-SENTINELS = (PREFIX, MIDDLE, SUFFIX, PAD)
-FORMAT = "starcoder"  # sentinel spelling and SPM variant, written to the model folder
+from training.fim_format import MIDDLE, PAD, PREFIX, SENTINELS, SUFFIX
+
 IGNORE = -100  # the label Hugging Face's loss skips
 
 

@@ -155,7 +155,7 @@ def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sour
 def prepare_tokenizer(d: DataConfig, corpus: sources.Corpus, tokenizer_dir: Path) -> float:
     """Load `data.tokenizer` or train one on the training split; save it under
     tokenizer_dir either way, so the run folder is self-contained. Returns seconds."""
-    from training.tokenizer import FIM_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
+    from training.data.tokenizer import FIM_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 
     t0 = time.time()
     if d.tokenizer is not None:

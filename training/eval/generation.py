@@ -1,7 +1,7 @@
 """Sampling completions for benchmark prompts: from a checkpoint on Ray actors, or over HTTP.
 
-Both ways generate with the serving engine (serving/engine.py) and take the service's own
-request type, `serving.params.SamplingParams` (`n` samples per prompt is separate: it is
+Both ways generate with the serving engine (serving/engine/engine.py) and take the service's own
+request type, `serving.engine.params.SamplingParams` (`n` samples per prompt is separate: it is
 not a property of one completion). Checkpoint: one row per (problem, sample) in a Ray
 Dataset, `map_batches` over an actor pool; each actor loads an Engine once and decodes
 batches with per-row seeds, exactly as a replica would. Endpoint: plain HTTP POSTs to an
@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from serving.params import SamplingParams
+from serving.engine.params import SamplingParams
 
 __all__ = ["SamplingParams", "CheckpointGenerator", "generate_with_ray", "generate_with_endpoint",
            "EndpointError", "served_model", "complete_http", "prompts_of"]
@@ -43,7 +43,7 @@ class CheckpointGenerator:
     the body starts), as the service does, and say so in `prompt_truncated`."""
 
     def __init__(self, checkpoint: str, params: SamplingParams, num_threads: int = 1):
-        from serving.engine import Engine
+        from serving.engine.engine import Engine
 
         self.params = params
         self.engine = Engine(checkpoint, num_threads=num_threads)

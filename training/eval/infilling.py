@@ -7,8 +7,8 @@ Four benchmarks over the HumanEval problems, each a `prompt` (before the hole), 
 humaneval.py does for left-to-right HumanEval); single-line also by exact match of the
 stripped line.
 
-Completions come from the service's own engine (serving/engine.py, in this process, the
-FIM prompt built by serving/fim.py) or from a running server's `/v1/completions` with
+Completions come from the service's own engine (serving/engine/engine.py, in this process, the
+FIM prompt built by serving/engine/fim.py) or from a running server's `/v1/completions` with
 `suffix`, so what is measured is what the endpoint serves.
 """
 
@@ -67,8 +67,8 @@ def generate_with_engine(checkpoint: str | Path, problems: Sequence[dict], param
     left_to_right: complete from the prefix alone (the baseline a model without FIM offers)."""
     from dataclasses import replace
 
-    from serving.engine import Engine
-    from serving.fim import Infill
+    from serving.engine.engine import Engine
+    from serving.engine.fim import Infill
     from training.eval.generation import sample_seed
 
     engine = Engine(checkpoint, num_threads=None)

@@ -72,7 +72,7 @@ def write_report(out_dir: str | Path, results: dict[str, Any], run_dir: Optional
     paths = {"json": str(out / "eval.json"), "markdown": str(out / "report.md")}
     loss_png = None
     if run_dir is not None:
-        from training.metrics import plot_loss, read_metrics
+        from training.train.metrics import plot_loss, read_metrics
 
         events = read_metrics(Path(run_dir) / "metrics.jsonl")
         if events:

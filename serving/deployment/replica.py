@@ -1,0 +1,206 @@
+"""The Ray Serve deployment: one Engine per replica behind the FastAPI app.
+
+Each request submits itself to the replica's DecodeLoop (scheduler.py) and joins the rows
+already decoding at the next step: continuous batching, one forward pass per step for
+every request in flight, up to `max_batch_size` rows; requests that arrive during a step
+prefill together at the next. The loop hands each request its Deltas through an asyncio
+queue, so it streams its tokens as they are produced while sharing the batch.
+
+Why not `@serve.batch`: the loop already batches at every step, and the batcher's
+per-step plumbing (a result list for every caller, futures, a drain task per request) cost
+the event loop more than the decode step itself on a small model (docs/serving.md).
+
+The decode loop runs on its own thread: torch releases the GIL in its kernels, so the
+replica's event loop keeps accepting requests and flushing streamed tokens meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+
+from app.api import build_app
+from app.auth import api_key_from_env
+from serving.deployment.allocator import keep_freed_memory
+from serving.engine.engine import Engine, check_checkpoint
+from serving.engine.params import Delta, SamplingParams
+from serving.engine.scheduler import DecodeLoop
+from serving.deployment.service_metrics import RequestMetricsMiddleware, ServiceMetrics
+
+DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
+# How long a request that finds the loop idle waits for company (Completer._admit).
+DEFAULT_BATCH_WAIT_S = 0.0
+# A streamed request's text after the first goes out at most this often (vLLM's
+# stream_interval, in time): invisible in an editor, and a third of the chunks at c32.
+DEFAULT_STREAM_INTERVAL_S = 0.02
+DEFAULT_REPLICA_CPUS = 1.0
+_NOTHING = Delta("")  # a step that released no text for a request
+
+
+@serve.deployment(
+    name="Completer",
+    ray_actor_options={"num_cpus": DEFAULT_REPLICA_CPUS},
+    # Must cover a full batch, or the router never hands a replica enough requests to batch.
+    max_ongoing_requests=DEFAULT_MAX_BATCH_SIZE,
+    health_check_period_s=2.0,
+    health_check_timeout_s=30.0,
+    graceful_shutdown_timeout_s=5.0,
+)
+@serve.ingress()
+class Completer:
+    def __init__(self, checkpoint: str, model_name: Optional[str] = None, num_threads: Optional[int] = None,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+                 stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S):
+        threads = num_threads or _replica_cpus()
+        self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/deployment/allocator.py)
+        self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
+        self.engine.warmup()
+        self.model_name = self.engine.model_name
+        self.context_length = self.engine.context_length
+        self.vocab_size = self.engine.vocab_size
+        self.can_infill = self.engine.fim is not None  # fim.json: the app serves `suffix`
+        self.tokenize, self.detokenize = self.engine.tokenize, self.engine.detokenize
+        self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
+        self.metrics = ServiceMetrics(self.model_name)  # Prometheus, via Ray's metrics agent
+        self.decoder.observer = self.metrics
+        self._batch_wait_s = max(0.0, float(batch_wait_timeout_s))
+        self._stream_interval_s = max(0.0, float(stream_interval_s))
+        # Per-request times inside the replica (sums): entry to first text, entry to the end.
+        self._times = {"requests": 0, "first_s": 0.0, "total_s": 0.0}
+
+    def stats(self) -> dict[str, float]:
+        """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled;
+        malloc_tuned is 1 where serving/deployment/allocator.py's settings apply."""
+        d = self.decoder
+        return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
+                "cancelled": d.cancelled, "malloc_tuned": float(self._malloc_tuned), **d.timings, **self._times}
+
+    def __serve_build_asgi_app__(self):
+        # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
+        app = build_app(self, api_key=api_key_from_env())
+        app.add_middleware(RequestMetricsMiddleware, metrics=self.metrics)  # outermost: counts every answer
+        return app
+
+    def ready(self) -> bool:
+        return getattr(self, "engine", None) is not None
+
+    def check_health(self) -> None:
+        if not self.ready():
+            raise RuntimeError("model not loaded")
+
+    async def stream(self, prompt: Any, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
+        """The request's Deltas as the decode loop produces them (text, then a final verdict)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        # Set when this request ends early (client gone: Serve cancels the request, or the
+        # streaming response is closed): the decode loop drops the row before its next step.
+        cancel = threading.Event()
+
+        def emit(item: Any) -> None:  # on the decode thread: a step's [Delta or None], None at the end, or an error
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        t0 = time.perf_counter()
+        first: Optional[float] = None
+        sent = t0
+        held: list[Optional[Delta]] = []  # Deltas not handed out yet
+        finished = False
+        await self._admit()
+        self.decoder.submit([prompt], [params], [incremental], emit, cancel=[cancel])  # ValueError: a bad request
+        try:
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():  # this consumer fell behind: hand over several steps at once
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                held.extend(item[0] for item in items if isinstance(item, list))
+                if None in items and not any(d is not None and d.finished for d in held):
+                    raise RuntimeError("generation ended before the request finished")
+                delta = _merge(held)
+                now = time.perf_counter()
+                # The first text goes out at once; later text at most every stream_interval_s
+                # (each chunk costs the replica, the proxy and the client more than a step).
+                if delta.finished or (delta.text and (first is None or now - sent >= self._stream_interval_s)):
+                    held, sent = [], now
+                    finished = delta.finished  # before yielding: the consumer may stop at the last delta
+                    first = first or now
+                    yield delta
+        finally:
+            if not finished:
+                cancel.set()
+            else:
+                self._times["requests"] += 1
+                self._times["first_s"] += (first or t0) - t0
+                self._times["total_s"] += time.perf_counter() - t0
+
+    async def _admit(self) -> None:
+        """A request that finds the decode loop idle waits `batch_wait_timeout_s` for company,
+        so a burst prefills together (0, the default, starts it at once). A busy loop needs no
+        wait: whatever arrives during a step joins at the next one."""
+        if self._batch_wait_s > 0 and self.decoder.live_rows == 0:
+            await asyncio.sleep(self._batch_wait_s)
+
+
+def _merge(deltas: list[Optional[Delta]]) -> Delta:
+    """Several steps' deltas for one request as one (text joined, the final verdict kept)."""
+    present = [d for d in deltas if d is not None]
+    if not present:
+        return _NOTHING
+    last = present[-1]
+    if len(present) == 1:
+        return last
+    return replace(last, text="".join(d.text for d in present), logprobs=[e for d in present for e in d.logprobs])
+
+
+def _replica_cpus() -> int:
+    """Torch threads = the CPUs this replica reserved (at least 1)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    res = ray.get_runtime_context().get_assigned_resources()
+    return max(1, int(round(res.get("CPU", 1))))
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """Application builder for `serve run` / `serve deploy` (import path `serving.deployment:build`).
+
+    args: checkpoint (required), model_name, num_threads, max_batch_size, batch_wait_timeout_s,
+    stream_interval_s.
+    The checkpoint is checked here, so a bad path fails the deploy with a message naming it.
+    """
+    args = dict(args or {})
+    if "checkpoint" not in args:
+        raise ValueError("args.checkpoint is required: the training run's OUTPUT/model/ folder")
+    known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown args {unknown}; known: {sorted(known)}")
+    args["checkpoint"] = str(check_checkpoint(Path(args["checkpoint"]).expanduser().resolve()))
+    return Completer.bind(**args)
+
+
+app_builder = build  # the name Serve's docs use
+
+
+def deploy_options(num_cpus: float = DEFAULT_REPLICA_CPUS, num_replicas: int = 1,
+                   env_vars: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Deployment options for `Completer.options(...)`: CPUs per replica, replica count, env."""
+    actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if env_vars:
+        actor["runtime_env"] = {"env_vars": env_vars}
+    return {"ray_actor_options": actor, "num_replicas": num_replicas}
+
+
+def key_env() -> dict[str, str]:
+    """COMPLETE_API_KEY of the launching shell, for replicas that may not inherit it."""
+    key = os.environ.get("COMPLETE_API_KEY")
+    return {"COMPLETE_API_KEY": key} if key else {}

@@ -1,0 +1,71 @@
+"""Log-probabilities and repetition penalties for the decode loop (OpenAI's legacy API).
+
+- `logprobs`: each new token's log-probability under the model's raw distribution (log
+  softmax of the logits, before temperature, top-p and penalties: what vLLM reports by
+  default), and the `k` most likely tokens at that step, plus the chosen one (OpenAI: "up
+  to logprobs+1 elements").
+- prompt logprobs (`echo`): one forward pass over the prompt; token t is scored by the
+  logits at t-1, the first token has none.
+- penalties (OpenAI's definition, applied to the tokens generated so far, as vLLM does):
+  logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from serving.engine.params import SamplingParams, TokenLogprob
+
+Piece = Callable[[int], str]  # token id -> its text
+
+
+def _top(row_lp: torch.Tensor, k: int, chosen: int, piece: Piece) -> dict[str, float]:
+    top: dict[str, float] = {}
+    if k > 0:
+        vals, idx = row_lp.topk(min(k, row_lp.shape[-1]))
+        top = {piece(int(i)): float(v) for v, i in zip(vals.tolist(), idx.tolist())}
+    top.setdefault(piece(chosen), float(row_lp[chosen]))
+    return top
+
+
+def step_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chosen: Sequence[int],
+                  piece: Piece) -> list[Optional[TokenLogprob]]:
+    """Per row: the chosen token's entry if the row asked for logprobs, else None."""
+    want = [b for b, p in enumerate(params) if p.logprobs is not None]
+    out: list[Optional[TokenLogprob]] = [None] * len(params)
+    if not want:
+        return out
+    lp = torch.log_softmax(logits[torch.tensor(want)].float(), dim=-1)
+    for j, b in enumerate(want):
+        t = int(chosen[b])
+        out[b] = TokenLogprob(t, piece(t), float(lp[j, t]), _top(lp[j], int(params[b].logprobs), t, piece))
+    return out
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, ids: Sequence[int], k: int, piece: Piece) -> list[TokenLogprob]:
+    """Every prompt token's entry (the first has logprob None and no alternatives)."""
+    x = torch.tensor([list(ids)], dtype=torch.long)
+    lp = torch.log_softmax(model(input_ids=x).logits[0].float(), dim=-1)
+    out = [TokenLogprob(int(ids[0]), piece(int(ids[0])), None, None)]
+    for t in range(1, len(ids)):
+        tok = int(ids[t])
+        out.append(TokenLogprob(tok, piece(tok), float(lp[t - 1, tok]), _top(lp[t - 1], k, tok, piece)))
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
+                    generated: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits with each row's presence/frequency penalties applied (a copy if any applies)."""
+    rows = [b for b, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and generated[b]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for b in rows:
+        counts = torch.bincount(torch.tensor(list(generated[b]), dtype=torch.long), minlength=vocab)[:vocab]
+        p = params[b]
+        logits[b] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits

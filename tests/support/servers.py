@@ -1,0 +1,45 @@
+"""Real servers on 127.0.0.1 for tests: a free port, an ASGI app under uvicorn, the app in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_server(app) -> Iterator[str]:
+    """An ASGI app under a real uvicorn on 127.0.0.1 (a free port), in a thread; yields its URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def local_client(engine):
+    """The FastAPI app around an in-process Engine (LocalBackend, no Ray), as a TestClient."""
+    from fastapi.testclient import TestClient
+
+    from app.api import build_app
+    from serving.local import LocalBackend
+
+    return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
