@@ -19,14 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# benchmarks/ holds scripts named like stdlib modules (tokenize.py): drop it from the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,7 +48,12 @@ def config(out: Path, fim_rate: float, a: argparse.Namespace, tokenizer: str | N
 def infilling(model_dir: Path, problems: list, left_to_right: bool) -> dict:
     from serving.engine.params import SamplingParams
     from training.eval.humaneval import score
-    from training.eval.infilling import cut_for, exact_match, generate_with_engine, stops_for
+    from training.eval.infilling import (
+        cut_for,
+        exact_match,
+        generate_with_engine,
+        stops_for,
+    )
 
     params = SamplingParams(temperature=0.0, max_new_tokens=32, seed=0, stop=stops_for("single-line"))
     completions, cut = generate_with_engine(model_dir, problems, params, 1, left_to_right=left_to_right)

@@ -40,13 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-# Drop benchmarks/ from the path: a sibling script named like a stdlib module (tokenize.py)
-# would shadow it for torch and linecache.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,8 +60,8 @@ def stand_in_checkpoint(out: Path, steps: int = 60) -> Path:
     import torch
 
     from training.config import DataConfig, ModelConfig
-    from training.train.model import build_model
     from training.data.tokenizer import save_tokenizer, train_tokenizer
+    from training.train.model import build_model
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("*.py"))[:80]]
@@ -97,7 +92,7 @@ def free_port() -> int:
 
 
 def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_ms: float,
-                  ingress: str = "proxy") -> tuple[str, Optional[str]]:
+                  ingress: str = "proxy") -> tuple[str, str | None]:
     """Start the service; returns (the proxy's URL, the replica's own URL with --ingress direct)."""
     from serving.deployment.ingress import replica_urls, use_direct_ingress
 

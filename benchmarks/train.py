@@ -22,14 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-# benchmarks/ holds scripts named like stdlib modules (tokenize.py): drop it from the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,11 +57,16 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import (
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
+    from training.data.tokenizer import load_tokenizer
     from training.train.metrics import Throughput
     from training.train.model import build_model
-    from training.data.tokenizer import load_tokenizer
 
     def chunks(path):
         col = pq.read_table(str(path), columns=["input_ids"]).column("input_ids").combine_chunks()
@@ -127,9 +127,9 @@ def main() -> None:
 
     from training.config import JobConfig
     from training.data.pipeline import prepare_data
+    from training.data.tokenizer import load_tokenizer
     from training.train.job import run_job
     from training.train.model import gpt2_config
-    from training.data.tokenizer import load_tokenizer
 
     out = Path(a.output or tempfile.mkdtemp(prefix="bench_train_"))
     cfg = JobConfig.from_preset("tiny")

@@ -1,6 +1,6 @@
 """Benchmark: kept tokens/s of the Ray data stage vs the seed's `datasets.map`, same run.
 
-    python benchmarks/tokenize.py [--corpus PATH] [--chunking truncate|pack] [--actors N]
+    python benchmarks/data_stage.py [--corpus PATH] [--chunking truncate|pack] [--actors N]
 
 Both sides start from the same corpus files on disk, use the same tokenizer (trained
 once, outside the timings) and keep only full 128-token chunks:
@@ -19,22 +19,15 @@ Prints one JSON line. In truncate mode the chunk counts of the two must agree ex
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import shutil
 import sys
-
-# This file is named tokenize.py: drop its folder from the path before anything imports
-# the standard library's `tokenize` module (linecache, inspect, ...).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
