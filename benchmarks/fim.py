@@ -28,20 +28,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def config(out: Path, fim_rate: float, a: argparse.Namespace, tokenizer: str | None):
-    from training.config import JobConfig
+    from short_job import short_tiny_job
 
-    cfg = JobConfig.from_preset("tiny")
-    cfg.output = str(out)
-    cfg.data.max_files = a.files
-    cfg.data.valid_fraction = 0.1
+    cfg = short_tiny_job(str(out), a.files, a.workers, a.steps)
     cfg.data.fim_rate = fim_rate
     cfg.data.tokenizer = tokenizer
-    cfg.train.num_workers = a.workers
-    cfg.train.max_steps = a.steps
-    cfg.train.eval_steps = cfg.train.save_steps = a.steps
-    cfg.train.logging_steps = max(1, a.steps // 8)
-    cfg.train.warmup_steps = max(1, a.steps // 10)
-    cfg.train.max_failures = 0
     return cfg.validate()
 
 

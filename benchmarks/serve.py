@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests' helpers (a free port, the tiny-checkpoint trainer) serve here too. tests/ is not
+# installed with the project; appended to the path, the repository root shadows nothing.
+sys.path.append(str(REPO))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,48 +56,19 @@ PROMPTS = ["def read_config(path):\n    ", "import os\nimport sys\n\n", "class S
 
 def stand_in_checkpoint(out: Path, steps: int = 60) -> Path:
     """A GPT-2 shaped like configs/tiny.yaml (2 x 128, vocab 8000, ctx 128), trained `steps`
-    steps on stdlib code: step time does not depend on the weights, but top-p sampling does
-    (an untrained model's flat distribution makes every nucleus thousands of tokens wide)."""
-    import sysconfig
+    steps on stdlib code by the tests' own trainer: step time does not depend on the weights,
+    but top-p sampling does (an untrained model's flat distribution makes every nucleus
+    thousands of tokens wide)."""
+    from tests.support.checkpoints import train_tiny
 
-    import torch
-
-    from training.config import DataConfig, ModelConfig
-    from training.data.tokenizer import save_tokenizer, train_tokenizer
-    from training.train.model import build_model
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("*.py"))[:80]]
-    data = DataConfig(vocab_size=8000, context_length=128)
-    tok = train_tokenizer(texts, vocab_size=data.vocab_size, context_length=data.context_length)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=128, dropout=0.0), data, tok)
-    ids = torch.tensor([i for t in texts for i in tok(t)["input_ids"] + [tok.eos_token_id]])
-    chunks = ids[: (len(ids) // 128) * 128].view(-1, 128)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = chunks[torch.randint(len(chunks), (16,), generator=g)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True)
-    save_tokenizer(tok, out)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return train_tiny(out, fim_rate=0.0, files=80, vocab_size=8000, n_embd=128, steps=steps, fim_tokens=True)
 
 
 def start_service(checkpoint: Path, num_cpus: float, max_batch_size: int, wait_ms: float,
                   ingress: str = "proxy") -> tuple[str, str | None]:
     """Start the service; returns (the proxy's URL, the replica's own URL with --ingress direct)."""
     from serving.deployment.ingress import replica_urls, use_direct_ingress
+    from tests.support.servers import free_port
 
     if ingress == "direct":
         use_direct_ingress()  # before Ray starts and ray.serve loads

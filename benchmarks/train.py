@@ -125,23 +125,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="paired runs; the median ratio is reported")
     a = ap.parse_args()
 
-    from training.config import JobConfig
+    from short_job import short_tiny_job
+
     from training.data.pipeline import prepare_data
     from training.data.tokenizer import load_tokenizer
     from training.train.job import run_job
     from training.train.model import gpt2_config
 
     out = Path(a.output or tempfile.mkdtemp(prefix="bench_train_"))
-    cfg = JobConfig.from_preset("tiny")
-    cfg.output = str(out / "run")
-    cfg.data.max_files = a.files
-    cfg.data.valid_fraction = 0.1  # a small corpus still needs validation chunks for every worker
-    cfg.train.num_workers = a.workers
-    cfg.train.max_steps = a.steps
-    cfg.train.eval_steps = cfg.train.save_steps = a.steps
-    cfg.train.logging_steps = max(1, a.steps // 8)
-    cfg.train.warmup_steps = max(1, a.steps // 10)
-    cfg.train.max_failures = 0
+    cfg = short_tiny_job(str(out / "run"), a.files, a.workers, a.steps)
     cfg.train.precision = a.precision
     cfg.train.global_batch_size = a.workers * cfg.train.micro_batch_size
     cfg.validate()

@@ -1,6 +1,7 @@
 """A tiny real checkpoint: a GPT-2 trained for a few dozen steps with plain torch on stdlib code,
 saved as a Hugging Face folder (safetensors + tokenizer, and fim.json when it learned FIM)
-exactly as the training job saves one. The tests and benchmarks/serve.py both build theirs here."""
+exactly as the training job saves one. The tests and benchmarks/serve.py (without a trained
+model) both build theirs here."""
 
 from __future__ import annotations
 
@@ -9,23 +10,28 @@ from pathlib import Path
 from tests.support.corpus import stdlib_files
 
 
-def train_tiny(out: Path, fim_rate: float, start: Path | None = None) -> Path:
+def train_tiny(out: Path, fim_rate: float, start: Path | None = None, *, files: int = 60,
+               vocab_size: int = 1000, n_embd: int = 64, steps: int | None = None,
+               fim_tokens: bool = False) -> Path:
+    """Train and save the checkpoint. The defaults are the tests' model (2 x 64, vocab 1,000,
+    60 steps; 30 more from `start` when it learns FIM); benchmarks/serve.py asks for the tiny
+    preset's shape (n_embd 128, vocab 8,000) when no trained model is at hand."""
     import numpy as np
     import torch
 
     from training.config import DataConfig, ModelConfig
-    from training.train.model import build_model
     from training.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from training.train.model import build_model
 
-    texts = [f.read_text(encoding="utf-8") for f in stdlib_files(60)]
-    data = DataConfig(vocab_size=1000, context_length=128)
+    texts = [f.read_text(encoding="utf-8") for f in stdlib_files(files)]
+    data = DataConfig(vocab_size=vocab_size, context_length=128)
     torch.manual_seed(0)
     if start is None:
         # End-of-text only, as before FIM existed: the left-to-right checkpoint stays the one
         # the serving tests were written against, and is an "older model" that cannot infill.
         tok = train_tokenizer(texts, vocab_size=data.vocab_size, context_length=data.context_length,
-                              fim_tokens=False)
-        model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=64, dropout=0.0), data, tok)
+                              fim_tokens=fim_tokens)
+        model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=n_embd, dropout=0.0), data, tok)
     else:
         from transformers import GPT2LMHeadModel
 
@@ -48,7 +54,7 @@ def train_tiny(out: Path, fim_rate: float, start: Path | None = None) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(60 if start is None else 30):
+    for _ in range(steps or (60 if start is None else 30)):
         pick = torch.randint(len(chunks), (16,), generator=g)
         loss = model(input_ids=chunks[pick], labels=labels[pick]).loss
         loss.backward()
