@@ -1,18 +1,18 @@
-"""Benchmark: kept tokens/s of the Ray data stage vs the seed's `datasets.map`, same run.
+"""Benchmark: kept tokens/s of the Ray data stage vs the course recipe's `datasets.map`, same run.
 
     python benchmarks/data_stage.py [--corpus PATH] [--chunking truncate|pack] [--actors N]
 
 Both sides start from the same corpus files on disk, use the same tokenizer (trained
 once, outside the timings) and keep only full 128-token chunks:
 
-- seed: read the files, `datasets.Dataset.from_dict`, then the course's
-  `tokenizer(..., truncation=True, max_length=128, return_overflowing_tokens=True,
+- the course recipe (`seed_*` in the JSON): read the files, `datasets.Dataset.from_dict`,
+  then the course's `tokenizer(..., truncation=True, max_length=128, return_overflowing_tokens=True,
   return_length=True)` in `Dataset.map(batched=True, num_proc=cores)` keeping length==128.
 - ours: `init_ray()` (Ray start-up is timed), then the data stage's streaming pipeline
   (read, split, tokenize in the actor pool) writing train/valid Parquet shards.
 - floor: Ray start-up plus an identity actor-pool stage over the same number of blocks:
-  what any Ray Data stage costs here before doing work. seed / floor bounds the ratio
-  any Ray pipeline could reach on this corpus and machine.
+  what any Ray Data stage costs here before doing work. The course recipe's time / floor
+  bounds the ratio any Ray pipeline could reach on this corpus and machine.
 
 Prints one JSON line. In truncate mode the chunk counts of the two must agree exactly.
 """
@@ -56,7 +56,7 @@ def seed_way(texts: list[str], tokenizer_dir: Path, context_length: int, num_pro
 
 
 def read_texts(corpus, max_bytes: int) -> tuple[list[str], float]:
-    """The seed reads the same files with the same bad-input rules (timed: ours reads too)."""
+    """The course recipe's side reads the same files with the same bad-input rules (timed: ours reads too)."""
     from training.data.sources import iter_texts
 
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def main() -> int:
     p.add_argument("--chunking", default="truncate", choices=["truncate", "pack"])
     p.add_argument("--actors", type=int, default=1, help="tokenizer actors (data.tokenizer_actors)")
     p.add_argument("--batch-rows", type=int, default=64)
-    p.add_argument("--num-proc", type=int, default=None, help="seed's num_proc (default: cores)")
+    p.add_argument("--num-proc", type=int, default=None, help="the course recipe's num_proc (default: cores)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each side this many times and report the median pair (shared machines are noisy)")
     args = p.parse_args()
@@ -146,7 +146,7 @@ def main() -> int:
             data_cfg.tokenizer_train_files = 400
             prepare_tokenizer(data_cfg, corpus, tok_dir)
 
-        # All seed runs first: datasets.map forks, and forking a process that has run Ray
+        # All of the course recipe's runs first: datasets.map forks, and forking a process that has run Ray
         # (gRPC threads) is unsafe.
         seeds = []
         for _ in range(max(1, args.repeat)):
@@ -183,7 +183,7 @@ def main() -> int:
     }
     print(json.dumps(result))
     if args.chunking == "truncate" and not result["chunks_agree"]:
-        print("error: truncate-mode chunk counts differ from the seed's", file=sys.stderr)
+        print("error: truncate-mode chunk counts differ from the course recipe's", file=sys.stderr)
         return 1
     return 0
 

@@ -8,7 +8,7 @@ proxy, replica queue + prefill (to first text), decode; and the decode loop's sp
 prefill, forward passes, sampling and text handling. In the same run, the same model's
 in-process generation for one request (the baseline the HTTP + Serve overhead is measured
 against). Every row runs `--repeats` times, greedy and sampled back to back; each target is
-the median over the repeats (this machine has slow spells that move one run by a third).
+the median over the repeats (a machine's slow spells move single runs).
 The sampled/greedy ratio is measured on its own, in each repeat: four 128-request windows
 at c32 in ABBA order (`interleaved_64_c32`), so that drift weighs on both modes alike, with
 `ignore_eos` so that both modes decode the same 64 tokens a request (as vLLM's throughput

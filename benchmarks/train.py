@@ -1,5 +1,5 @@
 """Training throughput: this job (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2) against the
-seed's way (one process, plain HF Trainer, no Ray, no DeepSpeed) in the same run.
+course recipe's way (one process, plain HF Trainer, no Ray, no DeepSpeed) in the same run.
 
 Same model (the tiny preset's GPT-2), same chunks (the data stage's Parquet on a slice of
 the standard library), same global batch (workers x micro-batch), same steps, same
@@ -53,7 +53,7 @@ def flops_per_token(model_config, context: int) -> float:
 
 
 def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
-    """The seed's loop: one process, map-style dataset, HF Trainer, no Ray, no DeepSpeed."""
+    """The course recipe's loop: one process, map-style dataset, HF Trainer, no Ray, no DeepSpeed."""
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -146,8 +146,7 @@ def main() -> None:
     fpt = flops_per_token(gpt2_config(cfg.model, cfg.data, load_tokenizer(prepared.tokenizer_dir)),
                           cfg.data.context_length)
     peak_fp32 = matmul_gflops("float32")
-    # Only where asked: CPUs without avx512_bf16/AMX run bf16 matmuls on a slow reference
-    # path (a 2048^3 product took minutes on such a machine).
+    # Only where asked: CPUs without avx512_bf16/AMX run bf16 matmuls on a slow reference path.
     peak_bf16 = matmul_gflops("bfloat16", n=1024, reps=3) if a.precision == "bf16" else None
     global_batch = cfg.train.global_batch_size
     singles = [single_process(prepared, cfg, global_batch, a.steps) for _ in range(a.repeats)]
