@@ -9,7 +9,7 @@ node types to itself: a job on a fresh cluster sees a head with 0 CPUs and nothi
 
 This writes the same record from a cluster launcher YAML, so a job sees the same ceiling
 on both kinds of cluster. raycluster.yaml runs it on the head right after `ray start`;
-tests/fake_cluster.py runs it on the local fake autoscaling cluster.
+tests/support/fake_cluster.py runs it on the local fake autoscaling cluster.
 
     python deploy/publish_cluster_config.py ~/ray_bootstrap_config.yaml [--address HOST:PORT]
 """

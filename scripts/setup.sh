@@ -9,7 +9,7 @@ PY="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 if [ "${1:-}" = "--dev" ]; then
-  # tests/test_playground.py drives a real headless Chromium: Debian's chromium + chromium-driver.
+  # tests/e2e/test_playground_browser.py drives a real headless Chromium: Debian's chromium + chromium-driver.
   # Installed once (skipped when both are on PATH); apt needs root, as in CI, else sudo.
   if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     SUDO=""
