@@ -4,6 +4,7 @@
       tokenizer/            the tokenizer the data stage trained (or was given)
       data/train/, valid/   128-token chunks as Parquet (the data stage)
       data/stats.json       what the data stage read, skipped, dropped and kept
+      data/_staging/        shards being written (moved to train/ and valid/ at the end)
       run_state.json        the Ray Train run name, storage and config (written before training)
       metrics.jsonl         one JSON event per log/eval step (rank 0)
       ray_results/          Ray Train's checkpoints (unless train.storage_path says elsewhere)
@@ -24,6 +25,7 @@ TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 TRAIN_SPLIT, VALID_SPLIT = "train", "valid"
 STATS_FILE = "stats.json"
+STAGING_DIR = "_staging"
 RUN_STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.jsonl"
 RAY_RESULTS_DIR = "ray_results"
@@ -32,8 +34,10 @@ MLRUNS_DIR = "mlruns"
 MODEL_DIR = "model"
 LOSS_PLOT_FILE = "loss.png"
 SUMMARY_FILE = "run.json"
-# Inside model/: how the checkpoint was trained to infill (training/fim_format.py).
+# Inside model/: how the checkpoint was trained to infill (training/fim_format.py), and
+# the model card (training/export/model_card.py).
 FIM_FILE = "fim.json"
+MODEL_CARD_FILE = "README.md"
 
 
 class RunLayout:
@@ -61,6 +65,10 @@ class RunLayout:
     @property
     def stats(self) -> Path:
         return self.data / STATS_FILE
+
+    @property
+    def staging(self) -> Path:
+        return self.data / STAGING_DIR
 
     @property
     def run_state(self) -> Path:

@@ -22,9 +22,14 @@ import pytest
 
 from tests.support.ray_cluster import REPO_ROOT, LocalRayHead
 from training.config import ConfigError
-from training.train.job import load_deepspeed_config
+from training.config.job import load_deepspeed_config
 
 RUN = [sys.executable, "training/run.py"]
+# Faults and recorders go in through the job's plugin mechanism (training/train/plugins.py).
+PLUGINS = "CODECOMPLETE_TRAIN_PLUGINS"
+RECORD = "tests.support.train_faults:record_batches"
+SKIP_REDUCE = "tests.support.train_faults:skip_reduce"
+KILL = "tests.support.train_faults:kill_worker"
 
 
 def tiny_args(corpus: Path, out: Path, max_steps: int = 6, every: int = 2) -> list[str]:
@@ -345,7 +350,7 @@ def equivalence_args(corpus: Path, out: Path) -> list[str]:
 def test_two_workers_average_gradients_like_one_process_on_the_union_batch(small_corpus, tmp_path):
     # Also: the plainest head there is, 1 CPU, runs the job (each worker reserves 1/4 CPU).
     out = tmp_path / "run"
-    submit_on_plain_head(1, equivalence_args(small_corpus, out), env=("CODECOMPLETE_TEST_RECORD_BATCHES=1",))
+    submit_on_plain_head(1, equivalence_args(small_corpus, out), env=(f"{PLUGINS}={RECORD}",))
     run = json.loads((out / "run.json").read_text())
     assert run["cpus_per_worker"] == 0.25 and run["workers"] == 2 and run["steps"] == 3
     gap = max_param_gap(out, 3)
@@ -358,7 +363,7 @@ def test_two_workers_average_gradients_like_one_process_on_the_union_batch(small
 def test_the_equivalence_check_fails_when_a_rank_skips_the_reduce(small_corpus, tmp_path):
     out = tmp_path / "run"
     r = run_cli(equivalence_args(small_corpus, out),
-                env={"CODECOMPLETE_TEST_RECORD_BATCHES": "1", "CODECOMPLETE_TEST_SKIP_REDUCE_RANK": "1"})
+                env={PLUGINS: f"{RECORD},{SKIP_REDUCE}", "TRAIN_FAULT_SKIP_REDUCE_RANK": "1"})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     gap = max_param_gap(out, 3)
     print(f"max parameter gap, rank 1 skips the reduce: {gap:.2e}")
@@ -370,7 +375,7 @@ def test_the_equivalence_check_fails_when_a_rank_skips_the_reduce(small_corpus, 
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_path):
     out = tmp_path / "run"
     r = run_cli([*tiny_args(small_corpus, out, max_steps=6, every=2), "--max-failures", "2"],
-                env={"CODECOMPLETE_FAIL_AT_STEP": "5"})
+                env={PLUGINS: KILL, "TRAIN_FAULT_KILL_AT_STEP": "5"})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert (out / "failure_injected.txt").is_file()  # a worker process really died
     run = json.loads((out / "run.json").read_text())
@@ -408,7 +413,7 @@ def test_bf16_on_cpu_workers_trains_in_bf16_and_exports_fp32(small_corpus, tmp_p
 def test_resume_continues_a_stopped_run_from_its_latest_checkpoint(small_corpus, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(small_corpus, out, max_steps=6, every=2)
-    first = run_cli([*args, "--max-failures", "0"], env={"CODECOMPLETE_FAIL_AT_STEP": "5"})
+    first = run_cli([*args, "--max-failures", "0"], env={PLUGINS: KILL, "TRAIN_FAULT_KILL_AT_STEP": "5"})
     assert first.returncode != 0  # the run stopped (a worker died, no retries allowed)
     assert (out / "failure_injected.txt").is_file(), (first.stdout[-3000:], first.stderr[-3000:])
     assert not (out / "run.json").exists()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -53,7 +53,7 @@ class DataConfig:
     """Tokens per training chunk, and the model's n_positions."""
 
     chunking: Literal["truncate", "pack"] = "truncate"
-    """`truncate`: each file cut into context_length pieces, short tail dropped (the seed's).
+    """`truncate`: each file cut into context_length pieces, short tail dropped (the course recipe's).
     `pack`: files joined with the end-of-text token and cut into full chunks (little dropped)."""
 
     dedup: bool = False
@@ -81,7 +81,7 @@ class DataConfig:
 
     fim_rate: float = 0.0
     """Fraction of training chunks rewritten for fill-in-the-middle (prefix/suffix/middle with
-    the <fim_*> sentinels, StarCoder's format). 0: left to right only (the seed's data); the
+    the <fim_*> sentinels, StarCoder's format). 0: left to right only (the course recipe's data); the
     presets use 0.5 (Bavarian et al. 2022). Validation chunks always stay left to right."""
 
     fim_spm_rate: float = 0.5
@@ -150,19 +150,19 @@ class TrainConfig:
     Gradient accumulation is derived: global / (micro_batch_size x workers)."""
 
     micro_batch_size: int = 32
-    """Chunks per worker per forward pass (the seed: 32)."""
+    """Chunks per worker per forward pass (the course recipe: 32)."""
 
     learning_rate: float = 5e-4
-    """Peak learning rate (the seed: 5e-4)."""
+    """Peak learning rate (the course recipe: 5e-4)."""
 
     lr_scheduler_type: str = "cosine"
-    """Any Hugging Face scheduler name (the seed: cosine)."""
+    """Any Hugging Face scheduler name (the course recipe: cosine)."""
 
     warmup_steps: int = 1000
-    """Linear warmup steps (the seed: 1,000)."""
+    """Linear warmup steps (the course recipe: 1,000)."""
 
     weight_decay: float = 0.1
-    """AdamW weight decay (the seed: 0.1)."""
+    """AdamW weight decay (the course recipe: 0.1)."""
 
     num_epochs: int = 1
     """Passes over the training chunks; sets max_steps unless `max_steps` is given."""
@@ -192,8 +192,8 @@ class TrainConfig:
 
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (Inductor; needs a C++ compiler on
-    CPU workers). Pays a one-off compile per worker (~40 s for the tiny model on one core)
-    for faster steps; benchmarks/train.py measures both (docs/training.md)."""
+    CPU workers). Pays a one-off compile per worker for faster steps; benchmarks/train.py
+    measures both (docs/training.md)."""
 
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     """DeepSpeed JSON config (relative paths are taken from the repo root)."""
@@ -202,7 +202,7 @@ class TrainConfig:
     """Seed for weights, data order and dropout."""
 
     shuffle_buffer: int = 10_000
-    """Chunks in each worker's local shuffle buffer; 0 keeps the stream's order. The seed's
+    """Chunks in each worker's local shuffle buffer; 0 keeps the stream's order. The course recipe's
     Trainer shuffles the whole set; unshuffled, a batch holds consecutive chunks of a few
     files and the model learns measurably worse for the same tokens."""
 
@@ -250,15 +250,29 @@ class TrainConfig:
         ok(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         ok(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: retry forever)")
         ok(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16")
-        ds = resolve_path(self.deepspeed_config)
-        ok(ds.is_file(), "deepspeed_config", "file not found")
-        try:
-            parsed = json.loads(ds.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{name}.deepspeed_config: {self.deepspeed_config} is not valid JSON: {e}") from None
-        ok(isinstance(parsed, dict), "deepspeed_config", "must hold a JSON object")
+        load_deepspeed_config(self.deepspeed_config, f"{name}.deepspeed_config")
         if self.resume is not None:
             ok(Path(self.resume).is_dir(), "resume", "is not a run folder")
+
+
+def load_deepspeed_config(path: str, name: str = "train.deepspeed_config") -> dict[str, Any]:
+    """Parse and sanity-check the DeepSpeed JSON; one-line ConfigError otherwise."""
+    p = resolve_path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{name}={path!r}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{name}={path!r}: not valid JSON ({e})") from None
+    check(isinstance(raw, dict), name, path, "must hold a JSON object")
+    zero = raw.get("zero_optimization", {})
+    check(isinstance(zero, dict) and zero.get("stage", 0) in (0, 1, 2, 3), name, path,
+          "zero_optimization.stage must be 0, 1, 2 or 3")
+    # On CPU workers accelerate reports world size 1, so HF would fill "auto" with
+    # micro x accum x 1 while DeepSpeed sees N ranks and asserts (docs/training.md).
+    check(raw.get("train_batch_size") != "auto", name, path, 'drop "train_batch_size": "auto" '
+          "(it is derived from micro batch x grad-accum x workers)")
+    return raw
 
 
 @dataclass

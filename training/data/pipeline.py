@@ -26,9 +26,10 @@ import pyarrow as pa
 
 from training.config import ConfigError, DataConfig, JobConfig
 from training.data import sources, split as splitting
-from training.data.chunking import MODES, TokenizeStage
+from training.data.chunking import TokenizeStage
 from training.data.filters import content_hash, keep_filters, keyword_stage, quality_stage, dedup_stage
 from training.data.stats import Ledger, fingerprint, one_line, read_stats, summarize, write_stats
+from training.layout import RunLayout
 
 # Config fields that change the chunks. tokenizer_actors and batch_rows only change speed
 # (and, in pack mode, where chunk boundaries fall), so a rerun with other values reuses.
@@ -47,9 +48,9 @@ class PreparedData:
 
 
 def layout(output: str | Path) -> PreparedData:
-    root = Path(output)
-    return PreparedData(root=root, tokenizer_dir=root / "tokenizer", train_dir=root / "data" / "train",
-                        valid_dir=root / "data" / "valid", stats_path=root / "data" / "stats.json")
+    run = RunLayout(output)
+    return PreparedData(root=run.root, tokenizer_dir=run.tokenizer, train_dir=run.train_split,
+                        valid_dir=run.valid_split, stats_path=run.stats)
 
 
 # ---- the stage ------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def layout(output: str | Path) -> PreparedData:
 def prepare_data(cfg: JobConfig) -> PreparedData:
     """Tokenizer + train/valid chunks under cfg.output, or reuse them if already there."""
     d = cfg.data
-    check_data_config(d)
+    d.validate()  # also called from Python, where no CLI has validated it
     out = layout(cfg.output)
     corpus = sources.resolve_corpus(d.corpus, "data.corpus", d.max_files)
     valid = sources.resolve_corpus(d.valid_corpus, "data.valid_corpus", d.max_files) if d.valid_corpus else None
@@ -75,7 +76,7 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
         return out
 
     t0 = time.time()
-    for stale in (out.train_dir, out.valid_dir, out.root / "data" / "_staging", out.stats_path):
+    for stale in (out.train_dir, out.valid_dir, staging_dir(out), out.stats_path):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tok_seconds = prepare_tokenizer(d, corpus, out.tokenizer_dir)
 
@@ -114,7 +115,7 @@ def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: Da
     input_ids/labels (for perplexity on a held-out corpus). Joins or starts Ray if needed."""
     if split not in ("train", "valid", "all"):
         raise ConfigError(f"split={split!r}: must be train, valid or all")
-    check_data_config(data_cfg)
+    data_cfg.validate()
     c = sources.resolve_corpus(corpus, "data.corpus", data_cfg.max_files)
     from training.ray_utils import init_ray
 
@@ -122,21 +123,6 @@ def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: Da
     ledger = Ledger.remote() if data_cfg.dedup else None
     return build_chunks([(c, None)], Path(tokenizer_dir), data_cfg, ledger=ledger, keep_split=False,
                         only_split=None if split == "all" else split)
-
-
-def check_data_config(d: DataConfig) -> None:
-    """What prepare_data relies on; the CLI's validate() checks the same, but this is also
-    called from Python."""
-    if d.chunking not in MODES:
-        raise ConfigError(f"data.chunking={d.chunking!r}: must be one of {', '.join(MODES)}")
-    for name in ("context_length", "batch_rows", "tokenizer_actors", "max_file_bytes", "tokenizer_train_files"):
-        if getattr(d, name) < 1:
-            raise ConfigError(f"data.{name}={getattr(d, name)!r}: must be >= 1")
-    if not 0.0 <= d.valid_fraction < 1.0:
-        raise ConfigError(f"data.valid_fraction={d.valid_fraction!r}: must be in [0, 1)")
-    for name in ("fim_rate", "fim_spm_rate"):
-        if not 0.0 <= getattr(d, name) <= 1.0:
-            raise ConfigError(f"data.{name}={getattr(d, name)!r}: must be in [0, 1]")
 
 
 def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sources.Corpus]) -> str:
@@ -337,7 +323,7 @@ def assign_split(batch: pa.Table, valid_fraction: float, forced: Optional[str], 
 
 
 def staging_dir(out: PreparedData) -> Path:
-    return out.root / "data" / "_staging"
+    return RunLayout(out.root).staging
 
 
 def write_splits(ds: Any, out: PreparedData) -> dict[str, int]:

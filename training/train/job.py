@@ -14,47 +14,26 @@ fractional CPU reservations that leave Ray Data room to read (training/train/pla
 
 Every long stage (data, worker probe, training) runs under a stall watchdog
 (training/train/watchdog.py): no progress for --stall-timeout is one error line, never a hang.
+Modules named in CODECOMPLETE_TRAIN_PLUGINS (training/train/plugins.py) may add to every
+worker's Trainer; the tests inject their faults that way.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from training.config import ConfigError, JobConfig, resolve_path
+from training.config import ConfigError, JobConfig
+from training.config.job import load_deepspeed_config
+from training.layout import RUN_STATE_FILE, RunLayout
 from training.train.plan import choose_precision, plan_batch, plan_for_resume, plan_workers
+from training.train.plugins import driver_settings as plugin_settings
 from training.train.watchdog import StallError, watched
 
-RUN_STATE = "run_state.json"  # the Ray Train run name + storage that --resume continues
-
-
 # ---- checks that need no cluster ---------------------------------------------------------
-
-
-def load_deepspeed_config(path: str) -> dict[str, Any]:
-    """Parse and sanity-check the DeepSpeed JSON; one-line ConfigError otherwise."""
-    p = resolve_path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"train.deepspeed_config={path!r}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"train.deepspeed_config={path!r}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"train.deepspeed_config={path!r}: must hold a JSON object")
-    zero = raw.get("zero_optimization", {})
-    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise ConfigError(f"train.deepspeed_config={path!r}: zero_optimization.stage must be 0, 1, 2 or 3")
-    if raw.get("train_batch_size") == "auto":
-        # On CPU workers accelerate reports world size 1, so HF would fill it with
-        # micro x accum x 1 while DeepSpeed sees N ranks and asserts (docs/training.md).
-        raise ConfigError(f"train.deepspeed_config={path!r}: drop \"train_batch_size\": \"auto\" "
-                          "(it is derived from micro batch x grad-accum x workers)")
-    return raw
 
 
 def check_schedule(cfg: JobConfig) -> None:
@@ -92,19 +71,19 @@ def saved_state(cfg: JobConfig) -> Optional[dict[str, Any]]:
     """The resumed run's run_state.json (None for a fresh run)."""
     if not cfg.train.resume:
         return None
-    state_file = Path(cfg.train.resume) / RUN_STATE
+    state_file = RunLayout(cfg.train.resume).run_state  # the run name + storage that --resume continues
     if not state_file.is_file():
-        raise ConfigError(f"train.resume={cfg.train.resume!r}: no {RUN_STATE} there (not a run folder of this job)")
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: no {RUN_STATE_FILE} there (not a run folder of this job)")
     return json.loads(state_file.read_text())
 
 
-def run_identity(cfg: JobConfig, out: Path, state: Optional[dict[str, Any]]) -> tuple[str, str]:
+def run_identity(cfg: JobConfig, out: RunLayout, state: Optional[dict[str, Any]]) -> tuple[str, str]:
     """(run name, storage path). A fresh run gets a new name; --resume reuses the old one,
     and Ray Train then restores its checkpoint manager from storage and hands the workers
     the latest checkpoint."""
     if state is not None:
         return state["run_name"], state["storage_path"]
-    storage = cfg.train.storage_path or str(out / "ray_results")
+    storage = cfg.train.storage_path or str(out.ray_results)
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     return f"train_{time.strftime('%Y%m%d_%H%M%S')}", storage
@@ -120,9 +99,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     if t.resume and Path(t.resume).resolve() != Path(cfg.output).resolve():
         print(f"[job] --resume {t.resume}: continuing in that folder (output={t.resume})", flush=True)
         cfg.output = t.resume
-    out = Path(cfg.output).expanduser().resolve()
+    out = RunLayout(Path(cfg.output).expanduser().resolve())
     ds_config = load_deepspeed_config(t.deepspeed_config)
     check_schedule(cfg)
+    plugins = plugin_settings()  # a plugin that does not load fails the run here
     state = saved_state(cfg)
     if state is not None:
         t.num_workers = plan_for_resume(cfg, state)
@@ -166,10 +146,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
           f"read the prepared data and the checkpoint storage", flush=True)
     gpus = gpu_probe(probes)
     precision = choose_precision(t.precision, plan.use_gpu, gpus)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RUN_STATE, {"run_name": run_name, "storage_path": storage, "max_steps": plan.max_steps,
-                                 "workers": plan.workers, "plan": plan.to_dict(), "config": cfg.to_dict()})
-    sink = start_sink(out / "metrics.jsonl")
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_json(out.run_state, {"run_name": run_name, "storage_path": storage, "max_steps": plan.max_steps,
+                               "workers": plan.workers, "plan": plan.to_dict(), "config": cfg.to_dict()})
+    sink = start_sink(out.metrics)
 
     from transformers import GPT2LMHeadModel
 
@@ -180,8 +160,6 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
           f"sequences ({plan.workers} workers x micro-batch {plan.micro_batch_size} x grad-accum "
           f"{plan.gradient_accumulation_steps}); run {run_name} in {storage}", flush=True)
 
-    fail_at = os.environ.get("CODECOMPLETE_FAIL_AT_STEP")  # test-only failure injector
-    skip_reduce = os.environ.get("CODECOMPLETE_TEST_SKIP_REDUCE_RANK")  # test-only: break gradient averaging
     loop_config = {
         "train": asdict(t),
         "model_config": model_config.to_dict(),
@@ -193,12 +171,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "global_batch_size": plan.global_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "run_name": run_name,
-        "tracking": tracking_settings(t.report_to, out, run_name, f"codecomplete-{cfg.preset}", t.tracking_uri),
+        "tracking": tracking_settings(t.report_to, out.root, run_name, f"codecomplete-{cfg.preset}", t.tracking_uri),
         "sink": sink,
-        "fail_at_step": int(fail_at) if fail_at else None,
-        "fail_marker": str(out / "failure_injected.txt") if fail_at else None,
-        "skip_reduce_rank": int(skip_reduce) if skip_reduce else None,
-        "record_batches": os.environ.get("CODECOMPLETE_TEST_RECORD_BATCHES") == "1",  # test-only
+        "output": str(out.root),
+        "plugins": plugins,
     }
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
     seed = t.seed if t.shuffle_buffer else None  # shuffle 0: file order, as the tests need
@@ -226,15 +202,15 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         raise
     except Exception:
         print(f"[job] training failed after {t.max_failures} restart(s); its checkpoints are kept: continue with "
-              f"`python training/run.py --resume {out}` (plus the same flags)", flush=True)
+              f"`python training/run.py --resume {out.root}` (plus the same flags)", flush=True)
         raise
 
     checkpoint, ck_metrics = pick_checkpoint(result)
-    model_dir = export_model(checkpoint, prepared.tokenizer_dir, out / "model",
+    model_dir = export_model(checkpoint, prepared.tokenizer_dir, out.model,
                              fim_rate=cfg.data.fim_rate, fim_spm_rate=cfg.data.fim_spm_rate)
     sample = smoke_generate(model_dir)
-    events = read_metrics(out / "metrics.jsonl")
-    plot_loss(events, out / "loss.png", title=f"{cfg.preset}: {plan.workers} workers, ZeRO-2")
+    events = read_metrics(out.metrics)
+    plot_loss(events, out.loss_plot, title=f"{cfg.preset}: {plan.workers} workers, ZeRO-2")
     summary = summarize(
         events, workers=plan.workers, device="gpu" if plan.use_gpu else "cpu",
         max_steps=plan.max_steps, tokens_per_step=tokens_per_step, wall_s=time.time() - t0,
@@ -244,10 +220,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
                     "global_batch_size": plan.global_batch_size, "micro_batch_size": plan.micro_batch_size,
                     "gradient_accumulation_steps": plan.gradient_accumulation_steps,
                     "cpus_per_worker": plan.cpus_per_worker})
-    write_json(out / "run.json", summary)
+    write_json(out.summary, summary)
     from training.export.model_card import write_model_card
 
-    write_model_card(out, model_dir)  # README.md: the folder can be pushed to a hub as is
+    write_model_card(out.root, model_dir)  # README.md: the folder can be pushed to a hub as is
     print(f"[job] done in {summary['wall_time_s']:.0f}s: {summary['steps']} steps, train loss "
           f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}, "
           f"{summary['tokens_per_s']} tok/s -> {model_dir}", flush=True)

@@ -31,11 +31,11 @@ from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_t
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from training.train.plugins import PluginContext, install_plugins
 from training.train.rank_aware import (FinalEvalCallback, ProgressCallback, RankAwareReportCallback, RankAwareTrainer,
-                                 owned_by, param_digest)
+                                       owned_by, param_digest)
 
 __all__ = ["train_func", "owned_by", "param_digest", "collate", "cached_batches", "scratch_dir"]
-
 
 
 class TokenCollate(NumpyBatchCollateFn):
@@ -57,8 +57,8 @@ collate = TokenCollate()
 def cached_batches(stream: Any) -> Any:
     """The validation shard, read from Ray Data once and replayed from memory afterwards.
 
-    Every evaluation would otherwise start a new Ray Data execution of the split (about
-    10 s of coordination on 2 cores for a few dozen rows). The validation split is small
+    Every evaluation would otherwise start a new Ray Data execution of the split, seconds of
+    coordination for a few dozen rows. The validation split is small
     (a few % of the corpus), so keeping its batches is cheap. Wrapped in Ray's own
     iterable type so that `prepare_trainer` feeds it to Trainer unchanged."""
     from ray.data.iterator import _IterableFromIterator
@@ -81,7 +81,7 @@ def cached_batches(stream: Any) -> Any:
 
 def counted(stream: Any, on_batch: Any) -> Any:
     """The stream, calling on_batch(index, batch) for every batch drawn from it: the count of
-    batches read (and, in tests, the rows) says what a resumed attempt skipped."""
+    batches read says what a resumed attempt skipped."""
     from ray.data.iterator import _IterableFromIterator
 
     def gen():
@@ -152,7 +152,7 @@ def shard_batches(config: dict[str, Any], rank: int, on_batch: Any) -> tuple[Any
 
     Pinned host memory on GPUs (the Trainer's own `dataloader_pin_memory` never sees these
     iterables under prepare_trainer). Chunks arrive in file order; a local shuffle buffer
-    mixes files within each batch (the seed's Trainer shuffles globally), seeded per rank:
+    mixes files within each batch (the course recipe's Trainer shuffles globally), seeded per rank:
     reproducible, not identical."""
     t = config["train"]
     pin = bool(config.get("use_gpu"))
@@ -196,8 +196,7 @@ def train_func(config: dict[str, Any]) -> None:
     progress = ProgressCallback(config, rank, world, tokens_per_step)
     train_batches, valid_batches = shard_batches(config, rank, progress.on_batch)
     trainer = RankAwareTrainer(model=model, args=training_arguments(config, out_dir),
-                               train_dataset=train_batches, eval_dataset=valid_batches,
-                               world=world, skip_reduce_rank=config.get("skip_reduce_rank"))
+                               train_dataset=train_batches, eval_dataset=valid_batches, world=world)
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
     trainer.add_callback(progress)
     if rank == 0:  # TensorBoard / MLflow through HF's own callback (training/train/tracking.py)
@@ -209,6 +208,9 @@ def train_func(config: dict[str, Any]) -> None:
     trainer.add_callback(FinalEvalCallback())
     trainer.add_callback(RankAwareReportCallback(rank, config.get("sink")))
     trainer = prepare_trainer(trainer)
+    # Modules named in CODECOMPLETE_TRAIN_PLUGINS may add callbacks or wrap the trainer.
+    trainer = install_plugins(trainer, config.get("plugins"), PluginContext(
+        rank=rank, world=world, output=config.get("output", ""), sink=config.get("sink")))
     progress.trainer = trainer
 
     # 3. Train, from the latest checkpoint after a restart or with --resume: weights, ZeRO

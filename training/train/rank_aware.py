@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -44,27 +43,12 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class RankAwareTrainer(Trainer):
     """HF Trainer whose logged losses and eval gather span all Ray Train ranks."""
 
-    def __init__(self, *a: Any, world: int = 1, skip_reduce_rank: Optional[int] = None, **kw: Any):
+    def __init__(self, *a: Any, world: int = 1, **kw: Any):
         super().__init__(*a, **kw)
         self.world = world
-        self.skip_reduce_rank = skip_reduce_rank
-
-    def compute_loss(self, model, inputs, *a, **kw):
-        loss = super().compute_loss(model, inputs, *a, **kw)
-        if self.skip_reduce_rank is not None and self.skip_reduce_rank == _rank():
-            # Test-only breakage: this rank's gradient becomes zero, so the all-reduced
-            # gradient is no longer the mean over the union batch (tests/test_job.py).
-            loss = loss * 0.0 if not isinstance(loss, tuple) else (loss[0] * 0.0, *loss[1:])
-        return loss
 
     def evaluation_loop(self, *a, **kw):
         import torch.distributed as dist
@@ -128,8 +112,7 @@ class RankAwareReportCallback(RayTrainReportCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """Progress line + metrics events (rank 0), digests and heartbeats (all ranks),
-    test-only failure injection."""
+    """Progress line + metrics events (rank 0), digests, stream counts and heartbeats (all ranks)."""
 
     def __init__(self, config: dict[str, Any], rank: int, world: int, tokens_per_step: int):
         from training.train.metrics import Throughput
@@ -180,15 +163,6 @@ class ProgressCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.beat()
         self.meter.step_done(state.global_step)
-        fail_at, marker = self.config.get("fail_at_step"), self.config.get("fail_marker")
-        if fail_at and marker and self.rank == self.world - 1 and state.global_step == fail_at \
-                and not os.path.exists(marker):
-            from training.train.metrics import say
-
-            # Test-only failure injector: a real process death, once (the marker).
-            Path(marker).write_text(f"killed rank {self.rank} at step {state.global_step}\n")
-            say(f"[train] FAILURE INJECTION: rank {self.rank} exits at step {state.global_step}")
-            os._exit(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         from training.train.metrics import progress_line, say
@@ -203,9 +177,6 @@ class ProgressCallback(TrainerCallback):
 
     def on_batch(self, index: int, batch: dict[str, torch.Tensor]) -> None:
         self.batches_read = index + 1
-        if self.config.get("record_batches"):  # test-only: the rows each rank trained on, in order
-            self.emit({"event": "batch", "rank": self.rank, "index": index,
-                       "input_ids": batch["input_ids"].tolist()})
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.emit({"event": "stream", "rank": self.rank, "step": state.global_step,
