@@ -28,13 +28,14 @@ def _is_bool(tp: Any) -> bool:
 
 
 def _add(group: Any, cls: type, name: str, dest: str, docs: dict[str, str], hints: dict[str, Any],
-         aliases: dict[str, tuple[str, Any]]) -> None:
+         aliases: dict[str, tuple[str, Any]], synonyms: dict[str, tuple[str, ...]]) -> None:
     help_text = docs.get(name, "").replace("%", "%%")
+    names = (flag(name), *synonyms.get(name, ()))
     if _is_bool(hints[name]):
-        group.add_argument(flag(name), dest=dest, default=UNSET, action=argparse.BooleanOptionalAction,
+        group.add_argument(*names, dest=dest, default=UNSET, action=argparse.BooleanOptionalAction,
                            help=help_text)
     else:
-        group.add_argument(flag(name), dest=dest, default=UNSET, metavar=name.upper(), help=help_text)
+        group.add_argument(*names, dest=dest, default=UNSET, metavar=name.upper(), help=help_text)
     if name in aliases:  # e.g. --no-gpu, the spelling users know from other launchers
         alias, const = aliases[name]
         group.add_argument(alias, dest=dest, action="store_const", const=const, default=UNSET,
@@ -42,18 +43,21 @@ def _add(group: Any, cls: type, name: str, dest: str, docs: dict[str, str], hint
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
-                     aliases: Optional[dict[str, tuple[str, Any]]] = None) -> None:
-    """A flag for every field of `cls` (a Config): top-level fields first, then one group per section."""
-    aliases = aliases or {}
+                     aliases: Optional[dict[str, tuple[str, Any]]] = None,
+                     synonyms: Optional[dict[str, tuple[str, ...]]] = None) -> None:
+    """A flag for every field of `cls` (a Config): top-level fields first, then one group per section.
+    aliases: field -> (flag, value) that sets it (`--no-gpu`); synonyms: field -> other spellings
+    of its own flag (`--limit` for `--problems`)."""
+    aliases, synonyms = aliases or {}, synonyms or {}
     docs, hints = field_docs(cls), get_type_hints(cls)
     for name in cls.top_level():  # type: ignore[attr-defined]
         if name not in skip:
-            _add(parser, cls, name, name, docs, hints, aliases)
+            _add(parser, cls, name, name, docs, hints, aliases, synonyms)
     for section, scls in cls.sections().items():  # type: ignore[attr-defined]
         group = parser.add_argument_group(f"{section} (config section '{section}')")
         sdocs, shints = field_docs(scls), get_type_hints(scls)
         for f in dataclasses.fields(scls):
-            _add(group, scls, f.name, f"{section}.{f.name}", sdocs, shints, aliases)
+            _add(group, scls, f.name, f"{section}.{f.name}", sdocs, shints, aliases, synonyms)
 
 
 def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:

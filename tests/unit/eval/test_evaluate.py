@@ -52,11 +52,22 @@ def test_a_folder_without_weights_is_not_a_model(tiny_checkpoint, tmp_path, caps
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "model.safetensors").unlink()
     assert main(["--checkpoint", str(broken)]) == 2
-    assert "missing weights" in capsys.readouterr().err
+    # The serving engine's own check (serving/engine/engine.py), the one that loads it later.
+    assert "missing model.safetensors" in capsys.readouterr().err
     (broken / "config.json").write_text("{not json")
     shutil.copy(tiny_checkpoint / "model.safetensors", broken)
     assert main(["--checkpoint", str(broken)]) == 2
     assert "config.json is unreadable" in capsys.readouterr().err
+
+
+def test_a_pickled_checkpoint_is_refused_like_the_engine_refuses_it(tiny_checkpoint, tmp_path, capsys):
+    from training.eval.evaluate import main
+
+    pickled = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert main(["--checkpoint", str(pickled)]) == 2
+    assert "is not a model folder: missing model.safetensors" in capsys.readouterr().err
 
 
 def test_a_missing_corpus_fails_before_ray(tiny_checkpoint, tmp_path, capsys):
