@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from training.layout import LOSS_PLOT_FILE, RunLayout
+
 # Published reference points, so a reader sees where a model stands. They are only directly
 # comparable under the same conditions (data, tokenizer, context, sampling), which the
 # Markdown says next to them.
@@ -74,11 +76,11 @@ def write_report(out_dir: str | Path, results: dict[str, Any], run_dir: Optional
     if run_dir is not None:
         from training.train.metrics import plot_loss, read_metrics
 
-        events = read_metrics(Path(run_dir) / "metrics.jsonl")
+        events = read_metrics(RunLayout(run_dir).metrics)
         if events:
-            plot_loss(events, out / "loss.png", title=f"training run {Path(run_dir).name}")
-            loss_png = "loss.png"
-            paths["loss_curve"] = str(out / "loss.png")
+            plot_loss(events, out / LOSS_PLOT_FILE, title=f"training run {Path(run_dir).name}")
+            loss_png = LOSS_PLOT_FILE
+            paths["loss_curve"] = str(out / LOSS_PLOT_FILE)
     results = {**results, "anchors": ANCHORS}
     Path(paths["json"]).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     Path(paths["markdown"]).write_text(markdown(results, loss_png), encoding="utf-8")

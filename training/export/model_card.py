@@ -16,8 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-CARD = "README.md"
-RUN_STATE = "run_state.json"  # written by training/train/job.py before training starts
+from training.layout import MODEL_CARD_FILE as CARD, RunLayout
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -215,11 +214,11 @@ def fim_section(d: dict[str, Any]) -> list[str]:
 
 def render(run_dir: str | Path, evaluation: Optional[dict[str, Any]] = None) -> str:
     """The card's text for the run folder OUTPUT (config, run.json, data stats, evaluation)."""
-    run_dir = Path(run_dir)
-    config = _read_json(run_dir / RUN_STATE).get("config", {})
-    run = _read_json(run_dir / "run.json")
-    stats = _read_json(run_dir / "data" / "stats.json")
-    name = config.get("preset") if config.get("preset") not in (None, "custom") else run_dir.name
+    folder = RunLayout(run_dir)
+    config = _read_json(folder.run_state).get("config", {})  # written by training/train/job.py
+    run = _read_json(folder.summary)
+    stats = _read_json(folder.stats)
+    name = config.get("preset") if config.get("preset") not in (None, "custom") else folder.root.name
     name = f"codecomplete-{name}"
     head = yaml.safe_dump(metadata(config, run, evaluation, name), sort_keys=False, allow_unicode=True)
     return f"---\n{head}---\n\n{body(config, run, stats, evaluation, name)}"
@@ -228,7 +227,7 @@ def render(run_dir: str | Path, evaluation: Optional[dict[str, Any]] = None) -> 
 def write_model_card(run_dir: str | Path, model_dir: Optional[str | Path] = None,
                      evaluation: Optional[dict[str, Any]] = None) -> Path:
     """Write README.md into the model folder (default OUTPUT/model/)."""
-    path = Path(model_dir or Path(run_dir) / "model") / CARD
+    path = Path(model_dir or RunLayout(run_dir).model) / CARD
     path.write_text(render(run_dir, evaluation), encoding="utf-8")
     return path
 

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from training.layout import RunLayout
+
 PACKAGES = {"tensorboard": ("tensorboard", "the tensorboard package (pip install tensorboard)"),
             "mlflow": ("mlflow", "MLflow (pip install 'codecomplete[mlflow]', i.e. mlflow-skinny)")}
 
@@ -35,9 +37,9 @@ def settings(report_to: str, output: Path, run_name: str, experiment: str,
              tracking_uri: Optional[str] = None) -> dict[str, Any]:
     """Where rank 0 reports (driver side; paths are absolute, as the workers need them)."""
     if report_to == "tensorboard":
-        return {"report_to": "tensorboard", "dir": str(output / "tensorboard")}
+        return {"report_to": "tensorboard", "dir": str(RunLayout(output).tensorboard)}
     if report_to == "mlflow":
-        return {"report_to": "mlflow", "uri": tracking_uri or (output / "mlruns").resolve().as_uri(),
+        return {"report_to": "mlflow", "uri": tracking_uri or RunLayout(output).mlruns.resolve().as_uri(),
                 "experiment": experiment, "run_name": run_name}
     return {"report_to": "none"}
 
