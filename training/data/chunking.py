@@ -2,7 +2,7 @@
 
 Two modes, both producing chunks of exactly `context_length` tokens:
 
-- `truncate` (the seed's): each file is cut into consecutive pieces and the short tail of
+- `truncate` (the course recipe's): each file is cut into consecutive pieces and the short tail of
   every file is dropped. Identical to the course's `tokenizer(..., truncation=True,
   max_length=128, return_overflowing_tokens=True)` keeping pieces of length 128.
 - `pack` (CodeParrot's ConstantLengthDataset): files are joined with the end-of-text
@@ -74,7 +74,7 @@ class TokenizeStage:
     Loads the tokenizer once per actor without transformers (importing it would add
     seconds to every actor start) and encodes a whole batch in one Rust call spread over
     `threads` threads: with tiktoken where it is exact for this tokenizer (fast_bpe.py,
-    3-4x faster), else with `tokenizers`' `encode_batch_fast` (no offsets).
+    faster), else with `tokenizers`' `encode_batch_fast` (no offsets).
     """
 
     def __init__(self, tokenizer_file: str, context_length: int, mode: str, eos_id: int,

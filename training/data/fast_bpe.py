@@ -2,7 +2,7 @@
 
 Tokenizing is most of the data stage's work. The tokenizer the job trains (and GPT-2's)
 is a plain byte-level BPE: the GPT-2 split regex, then merges applied by rank. tiktoken
-implements exactly that algorithm in Rust and encodes code 3-4x faster than the
+implements exactly that algorithm in Rust and encodes code several times faster than the
 `tokenizers` library on one core, so the tokenizer actors use it when the
 `tokenizer.json` has that shape and fall back to `tokenizers` otherwise.
 
