@@ -63,7 +63,8 @@ class PerplexityConfig:
     """held-out corpus (same forms as training's --corpus); scored whole"""
 
     split: Optional[Split] = None
-    """which hash split of the corpus to score (default: all with --corpus, else valid)"""
+    """which hash split of the corpus to score: train, valid or all (default: all with --corpus,
+    else valid)"""
 
     max_files: Optional[int] = None
     """read at most this many corpus files"""
@@ -81,7 +82,8 @@ class HumanEvalConfig:
     """run HumanEval (executes generated code, sandboxed)"""
 
     infilling: Optional[Benchmark] = None
-    """run a HumanEval-infilling benchmark (fill-in-the-middle; executes code, sandboxed)"""
+    """run a HumanEval-infilling benchmark: single-line, multi-line, random-span or
+    random-span-light (fill-in-the-middle; executes code, sandboxed)"""
 
     n: int = 1
     """samples per problem (200 for the paper's pass@100)"""
