@@ -4,7 +4,8 @@ Each request submits itself to the replica's DecodeLoop (scheduler.py) and joins
 already decoding at the next step: continuous batching, one forward pass per step for
 every request in flight, up to `max_batch_size` rows; requests that arrive during a step
 prefill together at the next. The loop hands each request its Deltas through an asyncio
-queue, so it streams its tokens as they are produced while sharing the batch.
+queue (serving/engine/streams.py), so it streams its tokens as they are produced while
+sharing the batch.
 
 Why not `@serve.batch`: the loop already batches at every step, and the batcher's
 per-step plumbing (a result list for every caller, futures, a drain task per request) cost
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
+from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -31,7 +32,9 @@ from app.auth import api_key_from_env
 from serving.deployment.allocator import keep_freed_memory
 from serving.engine.engine import Engine, check_checkpoint
 from serving.engine.params import Delta, SamplingParams
+from serving.engine.plugins import install_plugins
 from serving.engine.scheduler import DecodeLoop
+from serving.engine.streams import request_steps
 from serving.deployment.service_metrics import RequestMetricsMiddleware, ServiceMetrics
 
 DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
@@ -61,6 +64,7 @@ class Completer:
         threads = num_threads or _replica_cpus()
         self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/deployment/allocator.py)
         self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
+        install_plugins(self.engine)  # CODECOMPLETE_ENGINE_PLUGINS (serving/engine/plugins.py)
         self.engine.warmup()
         self.model_name = self.engine.model_name
         self.context_length = self.engine.context_length
@@ -97,46 +101,29 @@ class Completer:
 
     async def stream(self, prompt: Any, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
         """The request's Deltas as the decode loop produces them (text, then a final verdict)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        # Set when this request ends early (client gone: Serve cancels the request, or the
-        # streaming response is closed): the decode loop drops the row before its next step.
-        cancel = threading.Event()
-
-        def emit(item: Any) -> None:  # on the decode thread: a step's [Delta or None], None at the end, or an error
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
         t0 = time.perf_counter()
         first: Optional[float] = None
         sent = t0
-        held: list[Optional[Delta]] = []  # Deltas not handed out yet
+        held: list[Delta] = []  # Deltas not handed out yet
         finished = False
         await self._admit()
-        self.decoder.submit([prompt], [params], [incremental], emit, cancel=[cancel])  # ValueError: a bad request
+        # Ending this stream early (client gone: Serve cancels the request, or the streaming
+        # response is closed) cancels the request: the decode loop drops its row before its next step.
         try:
-            while not finished:
-                items = [await queue.get()]
-                while not queue.empty():  # this consumer fell behind: hand over several steps at once
-                    items.append(queue.get_nowait())
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                held.extend(item[0] for item in items if isinstance(item, list))
-                if None in items and not any(d is not None and d.finished for d in held):
-                    raise RuntimeError("generation ended before the request finished")
-                delta = _merge(held)
-                now = time.perf_counter()
-                # The first text goes out at once; later text at most every stream_interval_s
-                # (each chunk costs the replica, the proxy and the client more than a step).
-                if delta.finished or (delta.text and (first is None or now - sent >= self._stream_interval_s)):
-                    held, sent = [], now
-                    finished = delta.finished  # before yielding: the consumer may stop at the last delta
-                    first = first or now
-                    yield delta
+            async with aclosing(request_steps(self.decoder, prompt, params, incremental)) as steps:
+                async for deltas in steps:  # ValueError at the first: a bad request
+                    held.extend(deltas)
+                    delta = _merge(held)
+                    now = time.perf_counter()
+                    # The first text goes out at once; later text at most every stream_interval_s
+                    # (each chunk costs the replica, the proxy and the client more than a step).
+                    if delta.finished or (delta.text and (first is None or now - sent >= self._stream_interval_s)):
+                        held, sent = [], now
+                        finished = delta.finished  # before yielding: the consumer may stop at the last delta
+                        first = first or now
+                        yield delta
         finally:
-            if not finished:
-                cancel.set()
-            else:
+            if finished:
                 self._times["requests"] += 1
                 self._times["first_s"] += (first or t0) - t0
                 self._times["total_s"] += time.perf_counter() - t0
@@ -149,9 +136,8 @@ class Completer:
             await asyncio.sleep(self._batch_wait_s)
 
 
-def _merge(deltas: list[Optional[Delta]]) -> Delta:
+def _merge(present: list[Delta]) -> Delta:
     """Several steps' deltas for one request as one (text joined, the final verdict kept)."""
-    present = [d for d in deltas if d is not None]
     if not present:
         return _NOTHING
     last = present[-1]

@@ -9,18 +9,23 @@ step for the whole batch) and samples all rows at once, each with its own parame
 seed (serving/engine/sampling.py). Rows that finish are dropped from the batch and the cache, so a
 long request does not make short ones pay for its steps; a row whose sampling or decoding
 fails ends alone, with an "error" Delta.
+
+The loop itself is the DecodeLoop (serving/engine/scheduler.py), the one the service runs:
+`generate` steps one on the caller's thread. The Engine holds the model and tokenizer and
+the three steps the loop calls, `prefill`, `forward` and `sample`: attributes an engine
+plugin may wrap (serving/engine/plugins.py). Output processing (detokenizing, stop strings,
+holding text back) is serving/engine/output.py; logprobs are serving/engine/logprobs.py.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,20 +33,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from serving.engine.batch_state import BatchState
 from serving.engine.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
 from serving.engine.gpt2_step import decoder_for
-from serving.engine.logprobs import apply_penalties, prompt_logprobs, step_logprobs
+from serving.engine.logprobs import prompt_logprobs
+from serving.engine.output import Row
 from serving.engine.params import Completion, Delta, GenerationError, SamplingParams, TokenLogprob
-from serving.engine.sampling import greedy, row_key, sample, uniform
+from serving.engine.sampling import row_key, sample_rows
+from serving.engine.scheduler import DecodeLoop
 
-log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Test-only fault injection: a request whose prompt contains this variable's value fails
-# while it is sampled, so tests can check one failing request leaves its batch-mates alone.
-# Unset (always, outside tests) it costs nothing.
-TEST_FAULT_ENV = "CODECOMPLETE_TEST_FAULT_MARKER"
-
-
 # Set (to anything) to decode every step through the model's own forward instead of the
 # written-out GPT-2 step: the benchmark's baseline, and a way out should the two ever differ.
 HF_DECODE_ENV = "CODECOMPLETE_HF_DECODE"
@@ -49,42 +49,6 @@ HF_DECODE_ENV = "CODECOMPLETE_HF_DECODE"
 
 class CheckpointError(ValueError):
     """The checkpoint folder is missing or is not a Hugging Face model folder."""
-
-
-@dataclass
-class _Row:
-    """Decode state of one request inside a running batch."""
-
-    params: SamplingParams
-    prompt_tokens: int
-    truncated: bool
-    key: int  # the request's seed, hashed: its random stream is sampling.uniform(key, step)
-    tokens: list[int] = field(default_factory=list)  # the completion's tokens (eos excluded)
-    generated: int = 0  # tokens sampled, eos included: what usage reports, as vLLM does
-    emitted: int = 0  # characters of the completion already handed out
-    done: bool = False
-    incremental: bool = True  # hand out text step by step (streaming) or only at the end
-    cancel: Optional[threading.Event] = None  # set when the client went away: the row leaves
-    fault: str = ""  # test-only: "sample" or "forward" raises there for this row (see TEST_FAULT_ENV)
-    error: Optional[str] = None  # why this row failed
-    lp: list[TokenLogprob] = field(default_factory=list)  # one per completion token, if asked
-    lp_sent: int = 0  # entries of lp already handed out
-    prompt_lp: Optional[list[TokenLogprob]] = None  # the prompt's tokens scored (echo), if asked
-
-
-class _Draws(Sequence[float]):
-    """The rows' uniform draws for this step, each computed only when the sampler asks for it
-    (a row whose best token carries top_p needs none)."""
-
-    def __init__(self, rows: Sequence[_Row]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, b):  # type: ignore[override]
-        row = self.rows[b]
-        return uniform(row.key, row.generated)
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -144,7 +108,6 @@ class Engine:
         self.context_length: int = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         # OUTPUT/model/ is named after its run folder (runs/tiny/model -> "tiny").
         self.model_name = model_name or (path.parent.name if path.name == "model" and path.parent.name else path.name)
-        self._fault_marker: Optional[str] = os.environ.get(TEST_FAULT_ENV) or None
 
     # ---- prompt handling -------------------------------------------------------------
 
@@ -172,16 +135,16 @@ class Engine:
     def _decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    # ---- the decode loop -------------------------------------------------------------
+    # ---- what the decode loop calls (serving/engine/scheduler.py) ----------------------
 
-    def start_rows(self, prompts: Sequence[str], params: Sequence[SamplingParams],
+    def start_rows(self, prompts: Sequence[Any], params: Sequence[SamplingParams],
                    incremental: Optional[Sequence[bool]] = None,
-                   cancel: Optional[Sequence[Optional[threading.Event]]] = None) -> tuple[list[_Row], list[list[int]]]:
+                   cancel: Optional[Sequence[Optional[threading.Event]]] = None) -> tuple[list[Row], list[list[int]]]:
         """Decode state and prompt ids per request (ValueError for an impossible request)."""
         assert len(prompts) == len(params) and prompts
         incremental = list(incremental) if incremental is not None else [True] * len(prompts)
         cancel = list(cancel) if cancel is not None else [None] * len(prompts)
-        rows: list[_Row] = []
+        rows: list[Row] = []
         encoded: list[list[int]] = []
         for prompt, p, inc, stop in zip(prompts, params, incremental, cancel):
             if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
@@ -190,181 +153,30 @@ class Engine:
             if len(ids) + p.max_new_tokens > self.context_length:  # a FIM prompt is never under 3 tokens
                 p = replace(p, max_new_tokens=max(1, self.context_length - len(ids)))
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
-            rows.append(_Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
-                             incremental=inc, cancel=stop,
-                             fault=self._fault_of(prompt)))
+            rows.append(Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
+                            prompt=prompt, incremental=inc, cancel=stop))
             if p.prompt_logprobs is not None:
                 rows[-1].prompt_lp = prompt_logprobs(self.model, ids, p.prompt_logprobs, self.piece)
             encoded.append(ids)
         return rows, encoded
 
-    def stream_batch(self, prompts: Sequence[str], params: Sequence[SamplingParams],
-                     incremental: Optional[Sequence[bool]] = None) -> Iterator[list[Optional[Delta]]]:
-        """Decode one fixed batch; yield, once per step, one entry per request: its new Delta or None.
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[BatchState, torch.Tensor]:
+        """Run the prompts as a new batch: its state and each row's next-token logits."""
+        return BatchState.prefill(self.model, prompts, self.pad_token_id, self.fast_step)
 
-        None means "nothing new this step" (text held back, or the request already ended).
-        Each request ends with exactly one Delta whose `finished` is True. A request marked
-        not `incremental` gets all its text in that final Delta (and skips per-step decoding
-        unless it has stop strings to watch for). The server's DecodeLoop (scheduler.py) runs
-        the same steps but lets requests join a batch that is already decoding.
-        """
-        rows, encoded = self.start_rows(prompts, params, incremental)
-        state, logits = BatchState.prefill(self.model, encoded, self.pad_token_id, self.fast_step)
-        active = list(range(len(rows)))  # batch row -> request index
-        while True:
-            next_ids, deltas, keep = self.advance([rows[r] for r in active], logits)
-            step: list[Optional[Delta]] = [None] * len(rows)
-            for b, r in enumerate(active):
-                step[r] = deltas[b]
-            yield step
-            if not keep:
-                return
-            if len(keep) < len(active):  # drop finished rows from the batch and the cache
-                state.keep(keep)
-                active, next_ids = [active[b] for b in keep], [next_ids[b] for b in keep]
-            logits = state.step(self.model, next_ids, self.fast_step)
+    def forward(self, state: BatchState, rows: Sequence[Row], next_ids: Sequence[int]) -> torch.Tensor:
+        """One decode step of a running batch (`rows` are its rows, in order): next-token logits."""
+        return state.step(self.model, next_ids, self.fast_step)
 
-    def advance(self, rows: Sequence[_Row], logits: torch.Tensor,
-                timings: Optional[dict[str, float]] = None) -> tuple[list[int], list[Optional[Delta]], list[int]]:
-        """One step for a batch's rows: (sampled ids, each row's Delta or None, batch indices
-        of the rows that go on). A row whose sampling or decoding raises ends with an "error"
-        Delta; the other rows are not affected. `timings` adds up sample_s, sample_cpu_s (the
-        thread's CPU time) and text_s."""
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            next_ids = self._sample(logits, rows)
-        except Exception:  # find the culprit: sample row by row (draws are stateless, so rows repeat exactly)
-            next_ids = []
-            for b, row in enumerate(rows):
-                try:
-                    next_ids.append(self._sample(logits[b:b + 1], [row])[0])
-                except Exception as e:
-                    self._fail(row, e)
-                    next_ids.append(self.pad_token_id)
-        t1, c1 = time.perf_counter(), time.thread_time()
-        deltas: list[Optional[Delta]] = []
-        try:
-            entries = step_logprobs(logits, [r.params for r in rows], next_ids, self.piece)
-        except Exception:  # only rows that asked for logprobs can fail here; they fail below
-            entries = [None] * len(rows)
-        for row, token, entry in zip(rows, next_ids, entries):
-            if row.done:  # failed while sampling
-                deltas.append(self._failure(row))
-                continue
-            try:
-                if row.params.logprobs is not None and entry is None:
-                    raise RuntimeError("computing logprobs failed")
-                deltas.append(self._advance(row, token, entry))
-            except Exception as e:
-                deltas.append(self.fail(row, e))
-        if timings is not None:
-            timings["sample_s"] += t1 - t0
-            timings["sample_cpu_s"] += c1 - c0
-            timings["text_s"] += time.perf_counter() - t1
-        return next_ids, deltas, [b for b, row in enumerate(rows) if not row.done]
+    def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
+        """Next token per row: penalties, then argmax for temperature 0, else seeded top-k /
+        top-p sampling (serving/engine/sampling.py)."""
+        return sample_rows(logits, rows)
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
-        """Next token per row: argmax for temperature 0, else seeded top-k / top-p sampling (sampling.py)."""
-        if self._fault_marker and any(row.fault == "sample" for row in rows):
-            raise RuntimeError("injected test fault (" + TEST_FAULT_ENV + ")")
-        logits = apply_penalties(logits, [r.params for r in rows], [r.tokens for r in rows])
-        sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
-        if not sampled:
-            return greedy(logits)
-        picked_rows = [rows[b] for b in sampled]
-        x = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled)]
-        picked = sample(x, [r.params.temperature for r in picked_rows], [r.params.top_k for r in picked_rows],
-                        [r.params.top_p for r in picked_rows], _Draws(picked_rows))
-        if len(sampled) == len(rows):
-            return picked
-        choice = greedy(logits)
-        for b, token in zip(sampled, picked):
-            choice[b] = token
-        return choice
-
-    def _fault_of(self, prompt: Any) -> str:
-        """Test-only: a prompt holding the marker fails while sampling, or with the marker
-        followed by "forward", in every decode forward pass it takes part in."""
-        if not (self._fault_marker and isinstance(prompt, str) and self._fault_marker in prompt):
-            return ""
-        return "forward" if self._fault_marker + "forward" in prompt else "sample"
-
-    def check_forward(self, rows: Sequence[_Row]) -> None:
-        """Test-only: raise if an injected forward-pass fault rides in this batch."""
-        if self._fault_marker and any(row.fault == "forward" for row in rows):
-            raise RuntimeError("injected test fault in the forward pass (" + TEST_FAULT_ENV + ")")
-
-    def fail(self, row: _Row, e: BaseException) -> Delta:
-        """End one row with an error of its own; returns its final Delta."""
-        self._fail(row, e)
-        return self._failure(row)
-
-    def _fail(self, row: _Row, e: BaseException) -> None:
-        log.error("decoding one request failed; its batch goes on", exc_info=e)
-        row.done, row.error = True, f"{type(e).__name__}: {e}"
-
-    @staticmethod
-    def _failure(row: _Row) -> Delta:
-        return Delta("", True, "error", row.prompt_tokens, row.generated, row.truncated, error=row.error)
-
-    def _advance(self, row: _Row, token: int, entry: Optional[TokenLogprob] = None) -> Optional[Delta]:
-        """Append a token to a row; return the text it may release now, and the verdict if done."""
-        p = row.params
-        reason: Optional[str] = None
-        row.generated += 1
-        if token == self.eos_token_id or token in self.sentinel_ids:
-            # End-of-text / a FIM sentinel is never part of the completion; it ends it
-            # unless the request ignores it (then the row decodes on to its length).
-            reason = None if p.ignore_eos else "eos"
-        else:
-            row.tokens.append(token)
-            if entry is not None:
-                row.lp.append(entry)
-        if not (row.incremental or p.stop or reason or row.generated >= p.max_new_tokens):
-            return None  # nothing to show or check yet: skip decoding
-        text = self._decode(row.tokens)
-        if p.stop:
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-        if reason is None and row.generated >= p.max_new_tokens:
-            reason = "length"
-        if reason is None and not row.incremental:
-            return None
-        if reason is not None:
-            row.done = True
-            new, row.emitted = text[row.emitted:], len(text)
-            return Delta(new, True, reason, row.prompt_tokens, row.generated, row.truncated,
-                         logprobs=self._release(row, len(text), everything=reason != "stop"),
-                         prompt_logprobs=row.prompt_lp)
-        # Hold back what may still change: a half-decoded UTF-8 character, or a tail that
-        # could be the start of a stop string (the client must never see a stop string).
-        safe = len(text)
-        while safe > row.emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        held = text[:safe]
-        for s in p.stop:
-            for k in range(min(len(s) - 1, len(held)), 0, -1):
-                if held.endswith(s[:k]):
-                    safe = min(safe, len(held) - k)
-                    break
-        if safe <= row.emitted:
-            return None
-        new, row.emitted = text[row.emitted:safe], safe
-        return Delta(new, logprobs=self._release(row, safe))
-
-    def _release(self, row: _Row, upto: int, everything: bool = False) -> list[TokenLogprob]:
-        """The logprob entries of the tokens whose text starts before character `upto` of the
-        completion (all of them when the row ended other than by a stop string)."""
-        if not row.lp:
-            return []
-        end = len(row.lp)
-        if not everything:
-            end = row.lp_sent
-            while end < len(row.lp) and len(self._decode(row.tokens[:end])) < upto:
-                end += 1
-        out, row.lp_sent = row.lp[row.lp_sent:end], max(row.lp_sent, end)
-        return out
+    def end_ids(self) -> set[int]:
+        """The tokens that end a completion and never appear in one: end-of-text and the FIM
+        sentinels (<fim_pad> ends a middle)."""
+        return self.sentinel_ids | {self.eos_token_id} if self.eos_token_id is not None else self.sentinel_ids
 
     def tokenize(self, text: str) -> list[int]:
         return self._encode(text)
@@ -381,13 +193,20 @@ class Engine:
 
     # ---- conveniences ----------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[Completion]:
-        """Run a batch to the end and collect each request's completion."""
+    def generate(self, prompts: Sequence[Any], params: Sequence[SamplingParams]) -> list[Completion]:
+        """Run a batch to the end on this thread (the service's DecodeLoop, stepped here) and
+        collect each request's completion."""
         texts = [""] * len(prompts)
         lps: list[list[TokenLogprob]] = [[] for _ in prompts]
         final: list[Optional[Delta]] = [None] * len(prompts)
-        for step in self.stream_batch(prompts, params, incremental=[False] * len(prompts)):
-            for i, d in enumerate(step):
+        items: list[Any] = []
+        loop = DecodeLoop(self, max_rows=len(prompts), threaded=False)
+        loop.submit(prompts, params, [False] * len(prompts), items.append)
+        loop.run_until_done()
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            for i, d in enumerate(item or ()):
                 if d is not None:
                     texts[i] += d.text
                     lps[i] += d.logprobs

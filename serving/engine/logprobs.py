@@ -1,4 +1,4 @@
-"""Log-probabilities and repetition penalties for the decode loop (OpenAI's legacy API).
+"""Log-probabilities for the decode loop (OpenAI's legacy API).
 
 - `logprobs`: each new token's log-probability under the model's raw distribution (log
   softmax of the logits, before temperature, top-p and penalties: what vLLM reports by
@@ -6,8 +6,9 @@
   to logprobs+1 elements").
 - prompt logprobs (`echo`): one forward pass over the prompt; token t is scored by the
   logits at t-1, the first token has none.
-- penalties (OpenAI's definition, applied to the tokens generated so far, as vLLM does):
-  logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0).
+
+(The presence/frequency penalties change what is sampled, not what is reported: they live
+with the sampler, serving/engine/sampling.py.)
 """
 
 from __future__ import annotations
@@ -54,18 +55,3 @@ def prompt_logprobs(model, ids: Sequence[int], k: int, piece: Piece) -> list[Tok
         tok = int(ids[t])
         out.append(TokenLogprob(tok, piece(tok), float(lp[t - 1, tok]), _top(lp[t - 1], k, tok, piece)))
     return out
-
-
-def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
-                    generated: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Logits with each row's presence/frequency penalties applied (a copy if any applies)."""
-    rows = [b for b, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and generated[b]]
-    if not rows:
-        return logits
-    logits = logits.clone()
-    vocab = logits.shape[-1]
-    for b in rows:
-        counts = torch.bincount(torch.tensor(list(generated[b]), dtype=torch.long), minlength=vocab)[:vocab]
-        p = params[b]
-        logits[b] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits

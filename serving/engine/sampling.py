@@ -30,7 +30,7 @@ top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,58 @@ def row_key(seed: int) -> int:
 def uniform(key: int, step: int) -> float:
     """The request's random number in [0, 1) for this step: a pure function of (seed, step)."""
     return (mix64(key + (step + 1) * GOLDEN) >> 11) * (1.0 / (1 << 53))
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[Any]) -> list[int]:
+    """The sampler of the decode loop: next token per row of `logits` [rows, vocab] after the
+    row's presence/frequency penalties; argmax for temperature 0, else seeded top-k / top-p.
+    A row is an output.Row: its `params`, its `tokens` so far, its `key` and `generated` count."""
+    logits = apply_penalties(logits, [r.params for r in rows], [r.tokens for r in rows])
+    sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
+    if not sampled:
+        return greedy(logits)
+    picked_rows = [rows[b] for b in sampled]
+    x = logits if len(sampled) == len(rows) else logits[torch.tensor(sampled)]
+    picked = sample(x, [r.params.temperature for r in picked_rows], [r.params.top_k for r in picked_rows],
+                    [r.params.top_p for r in picked_rows], _Draws(picked_rows))
+    if len(sampled) == len(rows):
+        return picked
+    choice = greedy(logits)
+    for b, token in zip(sampled, picked):
+        choice[b] = token
+    return choice
+
+
+class _Draws(Sequence[float]):
+    """The rows' uniform draws for this step, each computed only when the sampler asks for it
+    (a row whose best token carries top_p needs none)."""
+
+    def __init__(self, rows: Sequence[Any]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, b):  # type: ignore[override]
+        row = self.rows[b]
+        return uniform(row.key, row.generated)
+
+
+def apply_penalties(logits: torch.Tensor, params: Sequence[Any],
+                    generated: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits with each row's presence/frequency penalties applied (a copy if any applies).
+    OpenAI's definition, on the tokens generated so far, as vLLM does:
+    logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)."""
+    rows = [b for b, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and generated[b]]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for b in rows:
+        counts = torch.bincount(torch.tensor(list(generated[b]), dtype=torch.long), minlength=vocab)[:vocab]
+        p = params[b]
+        logits[b] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
 
 
 def sample(logits: torch.Tensor, temperature: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],

@@ -27,18 +27,19 @@ import yaml
 from ray import serve
 
 from app.schemas import MAX_BODY_BYTES
-from serving.engine.engine import TEST_FAULT_ENV
+from serving.engine.plugins import PLUGINS_ENV
 from serving.loadtest import Client, run_load, summarize
 from tests.support.servers import free_port
 from tests.support import REPO_ROOT
 from tests.support.fuzzer import fuzz
+from tests.support import engine_faults
 
 pytestmark = pytest.mark.slow
 
 CONFIG = REPO_ROOT / "serving" / "config.yaml"
 API_KEY = "test-key-4c1d"
 APPS = ("complete", "secure")
-POISON = "#poison-4c1d#"  # a prompt containing this fails while decoding (test-only, see TEST_FAULT_ENV)
+POISON = "#poison-4c1d#"  # a prompt containing this fails while decoding (tests/support/engine_faults.py)
 
 
 def config_for(checkpoint: Path, port: int) -> dict:
@@ -49,7 +50,8 @@ def config_for(checkpoint: Path, port: int) -> dict:
     app["args"]["checkpoint"] = str(checkpoint)
     # One replica, so the kill test sees Serve replace it rather than a sibling answer.
     app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    app["runtime_env"] = {"env_vars": {TEST_FAULT_ENV: POISON}}
+    # The replica installs the fault plugin (serving/engine/plugins.py): POISON prompts fail.
+    app["runtime_env"] = {"env_vars": {PLUGINS_ENV: engine_faults.__name__, engine_faults.MARKER_ENV: POISON}}
     secure = copy.deepcopy(app)
     secure.update(name="secure", route_prefix="/secure", runtime_env={"env_vars": {"COMPLETE_API_KEY": API_KEY}})
     cfg["applications"].append(secure)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.support.streams import absorb
+from tests.support.streams import absorb, stream_batch
 from serving.engine.engine import CheckpointError, Engine, check_checkpoint
 from serving.engine.params import GenerationError, SamplingParams
 
@@ -73,7 +73,7 @@ def test_stop_string_ends_completion_and_is_not_streamed(engine):
     cut = next(i for i in range(1, len(full) - 1) if full.find(full[i:i + 2]) == i)
     stop, expected = full[cut:cut + 2], full[:cut]
     params = SamplingParams(max_new_tokens=40, stop=("@@never@@", stop))
-    deltas = [step[0] for step in engine.stream_batch([PROMPTS[0]], [params]) if step[0] is not None]
+    deltas = [step[0] for step in stream_batch(engine, [PROMPTS[0]], [params]) if step[0] is not None]
     assert deltas[-1].finished and deltas[-1].finish_reason == "stop"
     assert "".join(d.text for d in deltas) == expected
     assert all(stop not in d.text for d in deltas)
@@ -124,7 +124,7 @@ def test_streamed_deltas_add_up_and_hold_back_partial_utf8(engine):
     params = [SamplingParams(max_new_tokens=40, temperature=1.2, seed=s) for s in range(4)]
     prompts = ["s = '\u00e9\u00e8 \u4e2d\u6587", "# \u2603 snow\n", "def f():", "\u00fc = 1"]
     texts = ["" for _ in prompts]
-    for step in engine.stream_batch(prompts, params):
+    for step in stream_batch(engine, prompts, params):
         for i, d in enumerate(step):
             if d is not None:
                 if not d.finished:
@@ -148,13 +148,12 @@ def test_edge_sampling_parameters_complete(engine, kw):
     assert c.finish_reason in ("length", "eos") and c.completion_tokens >= 1
 
 
-def test_a_request_failing_mid_decode_fails_alone(engine, monkeypatch):
-    monkeypatch.setattr(engine, "_fault_marker", "#poison#")  # what TEST_FAULT_ENV sets
+def test_a_request_failing_mid_decode_fails_alone(engine, faulty):
     prompts = [PROMPTS[0], "#poison#" + PROMPTS[1], PROMPTS[2], PROMPTS[3]]
     params = [SamplingParams(12, 0.8, seed=1), SamplingParams(12, 0.8, seed=2), SamplingParams(12),
               SamplingParams(12, 1.1, 0.9, 20, (), 3)]
     texts, finals = ["" for _ in prompts], {}
-    for step in engine.stream_batch(prompts, params, incremental=[False] * 4):
+    for step in stream_batch(engine, prompts, params, incremental=[False] * 4):
         absorb(step, texts, finals)
     assert finals[1].finish_reason == "error" and "injected test fault" in finals[1].error
     alone = [engine.generate([prompts[i]], [params[i]])[0] for i in (0, 2, 3)]

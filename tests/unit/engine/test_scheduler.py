@@ -101,8 +101,7 @@ def test_row_cap_holds_and_bad_requests_fail_at_submit(engine):
         loop.submit(["x"], [SamplingParams(max_new_tokens=10_000)], [False], lambda item: None)
 
 
-def test_failing_request_and_cancelled_request_leave_the_others_alone(engine, monkeypatch):
-    monkeypatch.setattr(engine, "_fault_marker", "#poison#")
+def test_failing_request_and_cancelled_request_leave_the_others_alone(engine, faulty):
     loop = DecodeLoop(engine, max_rows=8)
     q: queue.Queue = queue.Queue()
     cancel = [threading.Event() for _ in range(3)]
@@ -157,10 +156,9 @@ def test_a_failed_step_leaves_the_state_as_it_was_and_rows_copy_out(engine):
     assert torch.allclose(alone.step(engine.model, [nxt[2]], engine.fast_step)[0], together[2], atol=1e-4)
 
 
-def test_a_forward_pass_failure_ends_only_the_request_that_causes_it(engine, monkeypatch):
+def test_a_forward_pass_failure_ends_only_the_request_that_causes_it(engine, faulty):
     """A request that breaks every decode forward pass it is in (injected) shares the
     batch with three others: it alone ends with an error; they get their solo completions."""
-    monkeypatch.setattr(engine, "_fault_marker", "#poison#")
     loop = DecodeLoop(engine, max_rows=8)
     prompts = [PROMPTS[0], "#poison#forward def f(", PROMPTS[1], PROMPTS[4]]
     params = [SamplingParams(30), SamplingParams(30), SamplingParams(30, 0.8, seed=3), SamplingParams(12)]
