@@ -1,85 +1,27 @@
 """The FastAPI application: /complete, OpenAI-compatible /v1/*, /health.
 
-It knows nothing about Ray: it talks to a `Backend` (the Serve deployment in production,
-anything with the same four members in a unit test) that turns one request into an async
-stream of `Delta`s. Batching happens behind that interface.
+It knows nothing about Ray: it talks to a `Backend` (app/backend.py: the Serve deployment
+in production, anything with the same members in a unit test) that turns one request into
+an async stream of `Delta`s. Batching happens behind that interface.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app import openai_completions
 from app.auth import bearer_dependency
-from app.errors import BODY_TIMEOUT_S, APIError, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
+from app.backend import SSE_HEADERS, Backend, Prompt, check_new_tokens, check_suffix, collect, deltas, sse
+from app.errors import BODY_TIMEOUT_S, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
 from app.playground import install_playground
 from app.schemas import (CompleteRequest, CompleteResponse, CompletionRequest, DetokenizeRequest, ErrorResponse,
                          Health, ModelCard, ModelList, Usage)
-from serving.engine.fim import Infill
-from serving.engine.params import Delta, GenerationError, SamplingParams
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-Prompt = Union[str, list[int], Infill]  # text, token ids, or text with a suffix (FIM)
-
-
-class Backend(Protocol):
-    model_name: str
-    context_length: int
-    vocab_size: int
-    can_infill: bool  # the model was trained with FIM (fim.json): `suffix` is served
-
-    def ready(self) -> bool: ...
-
-    def stream(self, prompt: Prompt, params: SamplingParams, incremental: bool = True) -> AsyncIterator[Delta]:
-        """The request's text as it is generated (incremental) or all in the final Delta."""
-        ...
-
-    def tokenize(self, text: str) -> list[int]: ...
-
-    def detokenize(self, ids: list[int]) -> str: ...
-
-
-def sse(data: object) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-async def deltas(backend: Backend, prompt: Prompt, params: SamplingParams,
-                 incremental: bool = True) -> AsyncIterator[Delta]:
-    """The backend's stream, with a request that failed in decoding raised as GenerationError.
-    Closed as soon as the consumer stops (aclosing), so the backend learns it at once."""
-    async with aclosing(backend.stream(prompt, params, incremental=incremental)) as stream:
-        async for d in stream:
-            if d.error is not None:
-                raise GenerationError(d.error)
-            yield d
-
-
-async def collect(backend: Backend, prompt: Prompt, params: SamplingParams,
-                  with_logprobs: bool = False) -> Any:
-    """Run one request to the end: (completion text, final delta[, logprob entries])."""
-    parts: list[str] = []
-    lps: list = []
-    async with aclosing(deltas(backend, prompt, params, incremental=False)) as stream:
-        async for d in stream:
-            parts.append(d.text)
-            lps += d.logprobs
-            if d.finished:
-                return ("".join(parts), d, lps) if with_logprobs else ("".join(parts), d)
-    raise RuntimeError("generation ended without a final step")
-
-
-def check_new_tokens(n: int, context: int, field: str) -> None:
-    if n > context - 1:
-        raise APIError(422, f"{field}: must be at most {context - 1} (the model's context is "
-                            f"{context} tokens and the prompt keeps at least one)", field)
+from serving.engine.params import Infill, SamplingParams
 
 
 ERROR_MEANINGS = {
@@ -131,9 +73,7 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
                                 ignore_eos=req.ignore_eos)
         prompt: Prompt = req.prompt
         if req.suffix is not None:
-            if req.suffix and not backend.can_infill:
-                raise APIError(400, f"suffix: model '{backend.model_name}' was trained without fill-in-the-middle "
-                                    "(no fim.json with fim_rate > 0), so it cannot complete with a suffix", "suffix")
+            check_suffix(backend, req.suffix)
             if backend.can_infill:
                 prompt = Infill(req.prompt, req.suffix)
         if req.stream:
@@ -151,8 +91,6 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
                                          max_model_len=backend.context_length,
                                          infill=bool(getattr(backend, "can_infill", False)))])
 
-    from app import openai_completions
-
     # /v1/completions, /tokenize, /detokenize
     openai_completions.register(app, backend, auth, responses={**SSE_200, **errors(*body_errors, 404)})
 
@@ -165,7 +103,7 @@ def model_limits_in_schema(app: FastAPI, backend: Backend) -> dict:
     routes enforce: max_new_tokens / max_tokens <= context - 1, and the one model name.
 
     Request bodies are taken from pydantic directly: FastAPI's OpenAPI model stores bounds
-    as floats, which would turn the seed's 2**64 - 1 into 1.8446744073709552e19."""
+    as floats, which would turn a seed's bound 2**64 - 1 into 1.8446744073709552e19."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         comps = schema["components"]["schemas"]

@@ -17,22 +17,22 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from app.backend import SSE_HEADERS, Prompt, check_new_tokens, check_suffix, collect, deltas, sse
 from app.errors import APIError, failure_body
 from app.schemas import (CompletionChoice, CompletionRequest, CompletionResponse, CompletionUsage,
                          DetokenizeRequest, DetokenizeResponse, Logprobs, TokenizeRequest, TokenizeResponse)
-from serving.engine.fim import Infill, parse_psm
-from serving.engine.params import Delta, SamplingParams, TokenLogprob
+from serving.engine.params import Delta, Infill, SamplingParams, TokenLogprob, parse_psm
 
 
 @dataclass
 class Job:
     prompt_index: int
-    prompt: Union[str, list[int], Infill]
+    prompt: Prompt
     params: SamplingParams
     echo: Optional[str] = None  # the prompt's text, put before the completion
     score_only: bool = False  # max_tokens 0 with echo: the generated token is dropped
@@ -58,12 +58,7 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
     if req.suffix is not None:
         if echo:
             raise APIError(400, "suffix: cannot be combined with echo", "suffix")
-        if req.suffix and not backend.can_infill:
-            raise APIError(400, f"suffix: model '{backend.model_name}' was trained without fill-in-the-middle "
-                                "(its folder has no fim.json with fim_rate > 0), so it cannot complete with a "
-                                "suffix; leave suffix out or serve a model trained with --fim-rate > 0", "suffix")
-    from app.api import check_new_tokens
-
+        check_suffix(backend, req.suffix)
     check_new_tokens(max(1, max_tokens), backend.context_length, "max_tokens")
     jobs: list[Job] = []
     for i, prompt in enumerate(req.prompts()):
@@ -77,7 +72,7 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
                 text = backend.detokenize(prompt)
         else:
             text = prompt
-        what: Union[str, list[int], Infill] = prompt
+        what: Prompt = prompt
         if req.suffix is not None and backend.can_infill:
             what = Infill(str(text), req.suffix)
         elif isinstance(prompt, str) and backend.can_infill and not echo:
@@ -109,8 +104,6 @@ def openai_reason(d: Delta) -> str:
 
 
 def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] = None) -> None:
-    from app.api import collect
-
     @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse, responses=responses)
     async def completions(req: CompletionRequest):
         if req.model != backend.model_name:
@@ -119,12 +112,11 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
         jobs = plan(req, backend)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if req.stream and not (req.echo and req.logprobs is not None):
             for k, job in enumerate(jobs):
                 job.index = k
             return StreamingResponse(_events(backend, jobs, rid, created, usage, req.logprobs is not None),
-                                     media_type="text/event-stream", headers=sse_headers)
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
         results = await asyncio.gather(*(collect(backend, j.prompt, j.params, with_logprobs=True) for j in jobs))
         for job, (text, final, lps) in zip(jobs, results):
             job.text, job.final, job.logprobs = text, final, lps
@@ -137,7 +129,7 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
                                                         completion_tokens=completion_tokens,
                                                         total_tokens=prompt_tokens + completion_tokens))
         if req.stream:  # echo + logprobs: the prompt's logprobs exist only once the prompt is scored
-            return StreamingResponse(_replay(body, usage), media_type="text/event-stream", headers=sse_headers)
+            return StreamingResponse(_replay(body, usage), media_type="text/event-stream", headers=SSE_HEADERS)
         return body
 
     @app.post("/tokenize", dependencies=auth, response_model=TokenizeResponse,
@@ -160,8 +152,6 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
 
 async def _replay(body: CompletionResponse, include_usage: bool) -> AsyncIterator[bytes]:
     """A finished response as a stream: one chunk per choice, the usage chunk, [DONE]."""
-    from app.api import sse
-
     head = {"id": body.id, "object": "text_completion", "created": body.created, "model": body.model}
     for c in body.choices:
         yield sse({**head, "choices": [c.model_dump()], **({"usage": None} if include_usage else {})})
@@ -207,8 +197,6 @@ async def _events(backend: Any, jobs: list[Job], rid: str, created: int, include
                   with_logprobs: bool) -> AsyncIterator[bytes]:
     """OpenAI-style chunks for all choices, interleaved as their tokens arrive, then
     (stream_options.include_usage) a usage chunk with no choices, then `data: [DONE]`."""
-    from app.api import deltas, sse
-
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(job: Job) -> None:

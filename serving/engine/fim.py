@@ -18,19 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from serving.engine.params import Infill, NoInfill, parse_psm  # noqa: F401  (their home is params.py)
 from training.fim_format import ROLES, SENTINELS, read_fim_metadata, sentinel_names
 
-
-
-@dataclass(frozen=True)
-class Infill:
-    """A prompt with a hole: the text before and after the cursor (the API's prompt + suffix)."""
-    prefix: str
-    suffix: str
-
-
-class NoInfill(ValueError):
-    """A suffix was given to a model that was not trained to fill in the middle."""
+__all__ = ["FimSpec", "Infill", "NoInfill", "SENTINELS", "fim_prompt_ids", "parse_psm", "read_fim", "split_budget"]
 
 
 @dataclass(frozen=True)
@@ -54,20 +45,6 @@ def read_fim(model_dir: str | Path, vocab: dict[str, int]) -> Optional[FimSpec]:
     if any(i is None for i in ids):
         return None
     return FimSpec(*ids, fim_rate=float(meta["fim_rate"]), format=str(meta.get("format", "starcoder")))
-
-
-def parse_psm(text: str) -> Optional[Infill]:
-    """An editor that builds the FIM prompt itself (Continue's default template:
-    `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`) sends it as a plain prompt.
-    Read back as prefix + suffix, it gets the same far-side truncation as `suffix` would
-    (cut from the left, the text would lose <fim_prefix> and the prefix first)."""
-    head, mid, tail = SENTINELS[0], SENTINELS[2], SENTINELS[1]  # prefix, suffix, middle
-    if not (text.startswith(head) and text.endswith(tail)) or any(text.count(t) != 1 for t in (head, mid, tail)):
-        return None
-    prefix, _, rest = text[len(head):].partition(mid)
-    if SENTINELS[3] in text:
-        return None
-    return Infill(prefix, rest[: -len(tail)])
 
 
 def split_budget(n_prefix: int, n_suffix: int, budget: int) -> tuple[int, int]:

@@ -1,6 +1,8 @@
-"""Request-level types shared by the HTTP app (app/), the engine (serving/) and evaluation.
+"""Request-level types shared by the HTTP app (app/), the engine (serving/) and evaluation:
+sampling parameters, a prompt with a hole (Infill, and reading one back from an editor's
+FIM prompt), what a step hands out (Delta) and a finished completion.
 
-Torch-free on purpose: app/ and the evaluation client import this without pulling in the
+The only module of serving/ the app imports. Torch-free on purpose: app/ and the evaluation client import this without pulling in the
 model code, and there is one definition of "how to sample a completion" (one set of
 defaults) for the service and the evaluation alike.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+from training.fim_format import SENTINELS
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,32 @@ class SamplingParams:
     # Decode to max_new_tokens even past end-of-text (vLLM's benchmark parameter): the end
     # tokens sampled meanwhile count in usage but never appear in the text.
     ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Infill:
+    """A prompt with a hole: the text before and after the cursor (the API's prompt + suffix).
+    The engine builds the fill-in-the-middle prompt from it (serving/engine/fim.py)."""
+    prefix: str
+    suffix: str
+
+
+class NoInfill(ValueError):
+    """A suffix was given to a model that was not trained to fill in the middle."""
+
+
+def parse_psm(text: str) -> Optional[Infill]:
+    """An editor that builds the FIM prompt itself (Continue's default template:
+    `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>`) sends it as a plain prompt.
+    Read back as prefix + suffix, it gets the same far-side truncation as `suffix` would
+    (cut from the left, the text would lose <fim_prefix> and the prefix first)."""
+    head, mid, tail = SENTINELS[0], SENTINELS[2], SENTINELS[1]  # prefix, suffix, middle
+    if not (text.startswith(head) and text.endswith(tail)) or any(text.count(t) != 1 for t in (head, mid, tail)):
+        return None
+    prefix, _, rest = text[len(head):].partition(mid)
+    if SENTINELS[3] in text:
+        return None
+    return Infill(prefix, rest[: -len(tail)])
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from serving.engine.params import SamplingParams
 from serving.engine.plugins import PLUGINS_ENV, install_plugins, plugin_names
 from tests.support import engine_faults
 
