@@ -35,23 +35,21 @@ from serving.engine.params import Delta, SamplingParams
 from serving.engine.plugins import install_plugins
 from serving.engine.scheduler import DecodeLoop
 from serving.engine.streams import request_steps
+from serving.serve_config import DEFAULTS
 from serving.deployment.service_metrics import RequestMetricsMiddleware, ServiceMetrics
 
-DEFAULT_MAX_BATCH_SIZE = 64  # rows decoding together in the replica's DecodeLoop
-# How long a request that finds the loop idle waits for company (Completer._admit).
-DEFAULT_BATCH_WAIT_S = 0.0
-# A streamed request's text after the first goes out at most this often (vLLM's
-# stream_interval, in time): invisible in an editor, and a third of the chunks at c32.
-DEFAULT_STREAM_INTERVAL_S = 0.02
-DEFAULT_REPLICA_CPUS = 1.0
+# The defaults (rows decoding together, the wait of a request that finds the loop idle,
+# the stream interval, CPUs per replica) are ServeConfig's (serving/serve_config.py).
+# The stream interval is vLLM's stream_interval, in time: invisible in an editor, and far
+# fewer chunks for the replica, the proxy and the client to handle.
 _NOTHING = Delta("")  # a step that released no text for a request
 
 
 @serve.deployment(
     name="Completer",
-    ray_actor_options={"num_cpus": DEFAULT_REPLICA_CPUS},
+    ray_actor_options={"num_cpus": DEFAULTS.num_cpus},
     # Must cover a full batch, or the router never hands a replica enough requests to batch.
-    max_ongoing_requests=DEFAULT_MAX_BATCH_SIZE,
+    max_ongoing_requests=DEFAULTS.max_batch_size,
     health_check_period_s=2.0,
     health_check_timeout_s=30.0,
     graceful_shutdown_timeout_s=5.0,
@@ -59,8 +57,8 @@ _NOTHING = Delta("")  # a step that released no text for a request
 @serve.ingress()
 class Completer:
     def __init__(self, checkpoint: str, model_name: Optional[str] = None, num_threads: Optional[int] = None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
-                 stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S):
+                 max_batch_size: int = DEFAULTS.max_batch_size, batch_wait_timeout_s: float = DEFAULTS.batch_wait_s,
+                 stream_interval_s: float = DEFAULTS.stream_interval_s):
         threads = num_threads or _replica_cpus()
         self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/deployment/allocator.py)
         self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
@@ -177,7 +175,7 @@ def build(args: dict[str, Any]) -> serve.Application:
 app_builder = build  # the name Serve's docs use
 
 
-def deploy_options(num_cpus: float = DEFAULT_REPLICA_CPUS, num_replicas: int = 1,
+def deploy_options(num_cpus: float = DEFAULTS.num_cpus, num_replicas: int = DEFAULTS.num_replicas,
                    env_vars: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Deployment options for `Completer.options(...)`: CPUs per replica, replica count, env."""
     actor: dict[str, Any] = {"num_cpus": num_cpus}

@@ -1,0 +1,81 @@
+"""The completion service's settings: one typed config, one field per `serving/run.py` flag.
+
+Built on training/config/fields.py like the training job's and the evaluation's configs,
+and turned into flags by training/config/cli.py (`max_batch_size` is `--max-batch-size`,
+its docstring the flag's help). The defaults here are the service's defaults everywhere:
+the launcher's flags, the Serve deployment's options (serving/deployment/replica.py) and
+serving/config.yaml, which a unit test holds to them. `validate()` runs before any Ray work;
+a bad value is a ConfigError that names the flag.
+
+(Not to be confused with serving/config.yaml: Ray Serve's own config file for
+`serve run` / `serve deploy`, whose `args` are the deployment's arguments.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from training.config.cli import flag
+from training.config.fields import Config, check
+
+Ingress = Literal["proxy", "direct"]
+
+
+@dataclass
+class ServeConfig(Config):
+    checkpoint: Optional[str] = None
+    """the training run's OUTPUT/model/ folder (required)"""
+
+    host: str = "127.0.0.1"
+    """address to bind (127.0.0.1: this machine only)"""
+
+    port: int = 8000
+    """port of Serve's HTTP proxy"""
+
+    num_replicas: int = 1
+    """replicas of the model"""
+
+    num_cpus: float = 1.0
+    """CPUs reserved per replica (= torch threads)"""
+
+    max_batch_size: int = 64
+    """rows decoding together in a replica"""
+
+    batch_wait_ms: float = 0.0
+    """how long a request that finds the decode loop idle waits for company (0: none)"""
+
+    stream_interval_ms: float = 20.0
+    """a streamed request's text after the first goes out at most this often (0: every step)"""
+
+    ingress: Ingress = "proxy"
+    """proxy: all requests through Serve's HTTP proxy; direct: each replica also serves
+    HTTP on its own port (a local cluster is started that way; a joined one must be)"""
+
+    model_name: Optional[str] = None
+    """name in responses and /v1/models (none given: the run folder's name)"""
+
+    def check(self) -> None:
+        check(bool(self.checkpoint), flag("checkpoint"), self.checkpoint, "required: the training run's OUTPUT/model/ folder")
+        for name in ("num_replicas", "max_batch_size"):
+            check(getattr(self, name) >= 1, flag(name), getattr(self, name), "must be >= 1")
+        check(0 < self.port < 65536, flag("port"), self.port, "must be in 1..65535")
+        check(self.num_cpus > 0, flag("num_cpus"), self.num_cpus, "must be > 0")
+        for name in ("batch_wait_ms", "stream_interval_ms"):
+            check(getattr(self, name) >= 0, flag(name), getattr(self, name), "must be >= 0")
+
+    @property
+    def batch_wait_s(self) -> float:
+        return self.batch_wait_ms / 1000.0
+
+    @property
+    def stream_interval_s(self) -> float:
+        return self.stream_interval_ms / 1000.0
+
+    @property
+    def torch_threads(self) -> int:
+        """Torch threads per replica: its whole CPUs, at least 1."""
+        return max(1, int(self.num_cpus))
+
+
+DEFAULTS = ServeConfig()  # the service's defaults, for whoever needs one of them

@@ -1,0 +1,68 @@
+"""ServeConfig (serving/serve_config.py) is the one source of the service's defaults: the
+launcher's flags, the deployment's options and serving/config.yaml all say the same."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import yaml
+
+from serving.serve_config import DEFAULTS, ServeConfig
+from tests.support import REPO_ROOT
+
+
+def test_config_yaml_agrees_with_the_defaults():
+    cfg = yaml.safe_load((REPO_ROOT / "serving" / "config.yaml").read_text())
+    assert cfg["http_options"] == {"host": DEFAULTS.host, "port": DEFAULTS.port}
+    app = cfg["applications"][0]
+    assert app["args"]["max_batch_size"] == DEFAULTS.max_batch_size
+    assert app["args"]["batch_wait_timeout_s"] == DEFAULTS.batch_wait_s
+    assert app["args"]["stream_interval_s"] == DEFAULTS.stream_interval_s
+    deployment = app["deployments"][0]
+    assert deployment["ray_actor_options"]["num_cpus"] == DEFAULTS.num_cpus
+    assert deployment["max_ongoing_requests"] >= DEFAULTS.max_batch_size  # or the batch never fills
+
+
+def test_the_deployment_takes_its_defaults_from_the_config():
+    from serving.deployment.replica import Completer, deploy_options
+
+    user_class = Completer.func_or_class.__mro__[1]  # @serve.ingress wraps the class in a subclass
+    init = inspect.signature(user_class.__init__).parameters
+    assert init["max_batch_size"].default == DEFAULTS.max_batch_size
+    assert init["batch_wait_timeout_s"].default == DEFAULTS.batch_wait_s
+    assert init["stream_interval_s"].default == DEFAULTS.stream_interval_s
+    assert Completer.max_ongoing_requests == DEFAULTS.max_batch_size
+    assert Completer.ray_actor_options["num_cpus"] == DEFAULTS.num_cpus
+    assert deploy_options() == {"ray_actor_options": {"num_cpus": DEFAULTS.num_cpus},
+                                "num_replicas": DEFAULTS.num_replicas}
+
+
+def test_the_launchers_flags_are_the_fields_with_their_defaults():
+    from serving.run import parse
+
+    cfg = parse(["--checkpoint", "ckpt"])
+    assert cfg == ServeConfig(checkpoint="ckpt")
+    assert (cfg.host, cfg.port, cfg.num_replicas, cfg.num_cpus, cfg.max_batch_size, cfg.batch_wait_ms,
+            cfg.stream_interval_ms, cfg.ingress, cfg.model_name) == \
+        ("127.0.0.1", 8000, 1, 1.0, 64, 0.0, 20.0, "proxy", None)
+    cfg = parse(["--checkpoint", "c", "--host", "0.0.0.0", "--port", "9000", "--num-replicas", "2", "--num-cpus",
+                 "2.5", "--max-batch-size", "8", "--batch-wait-ms", "5", "--stream-interval-ms", "0",
+                 "--ingress", "direct", "--model-name", "m"])
+    assert (cfg.host, cfg.port, cfg.num_replicas, cfg.num_cpus, cfg.max_batch_size, cfg.batch_wait_s,
+            cfg.stream_interval_s, cfg.ingress, cfg.model_name, cfg.torch_threads) == \
+        ("0.0.0.0", 9000, 2, 2.5, 8, 0.005, 0.0, "direct", "m", 2)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    ([], "--checkpoint"), (["--port", "0"], "--port"), (["--port", "x"], "--port"),
+    (["--num-replicas", "0"], "--num-replicas"), (["--max-batch-size", "0"], "--max-batch-size"),
+    (["--num-cpus", "0"], "--num-cpus"), (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
+    (["--stream-interval-ms", "-1"], "--stream-interval-ms"), (["--ingress", "both"], "--ingress"),
+])
+def test_a_bad_value_exits_2_naming_its_flag(argv, flag, capsys):
+    from serving.run import parse
+
+    with pytest.raises(SystemExit) as e:
+        parse((["--checkpoint", "c"] if flag != "--checkpoint" else []) + argv)
+    assert e.value.code == 2 and f"error: {flag}" in capsys.readouterr().err
