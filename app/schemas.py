@@ -25,7 +25,7 @@ MAX_PROMPTS = 16  # OpenAI `prompt` as a list
 MAX_NAME_CHARS = 256  # `model`, `user`
 # Enforced before JSON parsing (app/errors.py). Above every schema-valid body as a client
 # serialises it (no padding whitespace): 16 prompts of 32,000 characters, each written as a
-# 12-byte surrogate-pair escape, are 6.1 MB; tests/test_schemas.py holds the bound to that,
+# 12-byte surrogate-pair escape, are 6.1 MB; tests/unit/app/test_schemas.py holds the bound to that,
 # so a request the schema allows never meets a 413.
 MAX_BODY_BYTES = 8_000_000
 MAX_N = 8

@@ -1,13 +1,13 @@
 """Keep freed memory in the process: glibc malloc settings for a decode loop.
 
 A decode step allocates and frees the same few large tensors every step: the logits, the
-sampler's buffers, and a new KV cache buffer after every merge or trim (serving/engine/gpt2_step.py;
-the figures below are from before the cache grew in place, when torch.cat made one a step). glibc gives such blocks to the system when they
-are freed (mmap'd blocks, and the top of a heap past the trim threshold) and the next step
-faults every page of them in again, zeroed by the kernel. Its thresholds adapt, but not to
-a batch whose rows join and leave at any step (every size differs): on runs/tiny/model at
-32 concurrent requests, a sampled run (rows end at eos, so sizes vary) took 118,000 page
-faults to a greedy run's 34,000 (230 a step); with these settings both take about 6,000.
+sampler's buffers, and a new KV cache buffer after every merge or trim (serving/engine/gpt2_step.py).
+glibc gives such blocks to the system when they are freed (mmap'd blocks, and the top of a
+heap past the trim threshold) and the next step faults every page of them in again, zeroed
+by the kernel. Its thresholds adapt, but not to a batch whose rows join and leave at any
+step (every size differs), so sampled runs, whose rows end at eos at any step, fault far
+more than greedy ones; with these settings both fault little
+(tests/unit/deployment/test_allocator.py counts them).
 
 The cost: memory the loop has used stays with the process (up to TRIM_THRESHOLD above what
 it holds), which is what a long-running server wants anyway: the next batch reuses it.

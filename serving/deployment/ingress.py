@@ -1,8 +1,8 @@
 """How HTTP reaches the replicas: through Serve's proxy (the default), or straight to them.
 
 Through the proxy, every request is an actor call from the proxy process to the replica,
-plus a call back for the request body, and every streamed chunk is one more Ray object; on
-2 cores the proxy and that plumbing took more CPU than the model (docs/serving.md).
+plus a call back for the request body, and every streamed chunk is one more Ray object; for
+a small model the proxy and that plumbing can take more CPU than the model (docs/serving.md).
 Ray Serve's throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, Ray >= 2.55)
 starts an HTTP server inside each ingress replica ("direct ingress", on ports from 30000)
 that runs the same FastAPI app with no proxy or actor call in between, and keeps one proxy
@@ -63,7 +63,7 @@ def replica_urls(app_name: str, bind_host: str = "0.0.0.0", timeout_s: float = 6
     in for a wildcard one only.
 
     Asks the controller for what Ray's HAProxy mode is given (`get_target_groups`): an
-    internal API of the pinned Ray (2.60); tests/test_ingress.py fails if it moves."""
+    internal API of the pinned Ray (2.60); tests/e2e/test_ingress.py fails if it moves."""
     import ray
     from ray.serve._private.common import RequestProtocol
     from ray.serve.context import _get_global_client

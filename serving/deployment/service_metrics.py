@@ -11,7 +11,8 @@ What is recorded where:
 - HTTP requests by route and status, and their latency (until the last byte of a stream):
   an ASGI middleware around the FastAPI app, so 4xx answered before any model work count too.
 - Prompt and completion tokens, time to first token, rows in the decode batch, queue depth:
-  the replica's DecodeLoop (serving/engine/scheduler.py) reports each step to `DecodeObserver`.
+  the replica's DecodeLoop (serving/engine/scheduler.py) reports each step to its `observer`
+  (ServiceMetrics.step).
 
 Recording never fails a request: a metrics error is logged once and ignored.
 """

@@ -5,7 +5,7 @@ small matrix products per layer, and Hugging Face's per-call machinery (building
 causal mask from the 2-D one, the cache object's bookkeeping, output dataclasses, kwargs
 plumbing) costs as much as the arithmetic. This module runs the same arithmetic on the same
 weights and the same cache tensors (BatchState's DynamicCache), so prefill, merge and keep
-stay Hugging Face's, and a row's logits match the model's own forward (tests/test_gpt2_step.py
+stay Hugging Face's, and a row's logits match the model's own forward (tests/unit/engine/test_gpt2_step.py
 holds them to it).
 
 Only the plain GPT-2 block is written out; a model with any other attention variant gets
@@ -113,7 +113,7 @@ def _append(layer, name: str, col: torch.Tensor) -> torch.Tensor:
 
     Written in place when they are a view into a buffer this function allocated for the layer
     and the buffer has room after them: torch.cat would copy the whole cache every step, which
-    at c32 costs more than the attention that reads it. Otherwise (the first step, or after a
+    with many rows in flight costs more than the attention that reads it. Otherwise (the first step, or after a
     merge or keep, which copy the cache) they move into a new buffer with SPARE_COLUMNS free
     columns. Views already handed out stay valid: columns are only ever written past their
     end, so the state a failed step rolls back to is untouched."""
