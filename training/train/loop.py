@@ -169,10 +169,13 @@ def skip_deepspeed_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op under a lock file in
     ~/.cache/torch_extensions. A process killed mid-build leaves that lock behind and every
     later job on the machine waits on it forever (seen here); jobs sharing a machine can
-    also meet in its shared memory. gloo's all-reduce is plenty for these model sizes."""
-    import deepspeed.comm.torch as ds_torch_comm
+    also meet in its shared memory. gloo's all-reduce is plenty for these model sizes.
 
-    ds_torch_comm.build_shm_op = lambda: None
+    By import_module: `import deepspeed.comm.torch as m` binds `deepspeed.comm`'s attribute
+    `torch`, which is the torch package, so the patch would miss the module that calls it."""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 # ---- the loop every worker runs -------------------------------------------------------------

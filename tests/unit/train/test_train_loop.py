@@ -47,3 +47,16 @@ def test_scratch_dir_is_cleared_on_entry_so_a_killed_attempt_leaves_nothing():
     again = scratch_dir("test_run_scratch", 3)  # the restarted attempt on the same node
     assert again == d and os.listdir(again) == []
     os.rmdir(again)
+
+
+def test_cpu_workers_never_build_deepspeeds_shared_memory_op(monkeypatch):
+    # A build killed midway leaves a lock that every later job waits on for ever: the patch
+    # must land on deepspeed.comm.torch itself (not on torch, which a plain import binds).
+    import importlib
+
+    from training.train.loop import skip_deepspeed_shm_op
+
+    comm = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(comm, "build_shm_op", comm.build_shm_op)  # undone after the test
+    skip_deepspeed_shm_op()
+    assert comm.build_shm_op() is None
