@@ -7,7 +7,7 @@ Each module is imported when a replica (serving/deployment/replica.py) has loade
 the engine's `prefill`, `forward` or `sample` attributes (the calls the decode loop makes,
 serving/engine/scheduler.py) with wrappers around them: to trace or time them, to check
 their results, or to make them fail for a chosen request and see that it fails alone
-(tests/support/engine_faults.py). Unset, nothing is imported. A plugin that cannot be
+(what the service's own tests do). Unset, nothing is imported. A plugin that cannot be
 imported, or lacks `install`, stops the replica with an error naming it.
 """
 

@@ -2,7 +2,7 @@
 
 With a batch that decodes to its end before the next one starts (plain @serve.batch), a
 request arriving one step late waits for the whole batch; under steady load arrivals
-stagger and batches shrink to 1-3 requests. Here a request only *submits* itself; this
+stagger and batches shrink to a few requests. Here a request only *submits* itself; this
 loop prefills what arrived and merges it into the rows already decoding at the next step
 boundary, and every row leaves as soon as it is done. On a small model a step
 costs nearly the same for 1 row or 64, so throughput grows with the rows in flight.
@@ -12,8 +12,8 @@ a list with one entry per request for every step that produced something (a Delt
 None), then None once all of its requests have finished, or the exception that broke
 the step.
 
-One request never takes others down: a request whose sampling or decoding fails ends
-with its own "error" Delta (the step's sampler and output processing, `_advance`), a group whose prefill fails gets the
+One request never takes others down: a request whose sampling or output processing
+fails ends with its own "error" Delta (`_advance`), a group whose prefill fails gets the
 exception alone, and when the running batch's forward pass fails, each row is run alone
 so that only the rows that fail alone end (with an "error" Delta each).
 A request whose `cancel` event is set (its client went away) leaves the batch before the
