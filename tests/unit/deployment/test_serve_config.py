@@ -66,3 +66,12 @@ def test_a_bad_value_exits_2_naming_its_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         parse((["--checkpoint", "c"] if flag != "--checkpoint" else []) + argv)
     assert e.value.code == 2 and f"error: {flag}" in capsys.readouterr().err
+
+
+def test_the_ingress_modes_are_the_launchers():
+    from typing import get_args
+
+    from serving.deployment.ingress import INGRESS_MODES
+    from serving.serve_config import Ingress
+
+    assert get_args(Ingress) == INGRESS_MODES
