@@ -1,7 +1,7 @@
 """What a run will do, decided before any worker starts: workers, CPUs, batch, steps, precision.
 
 Pure functions of the config and of what the cluster reports, so every rule here is unit
-tested without a cluster (tests/test_plan.py).
+tested without a cluster (tests/unit/train/test_plan.py).
 
 CPU budgeting. Ray's logical CPUs are reservations, not cores. A training worker that
 reserves a whole CPU on a 2-CPU head leaves Ray Data nothing to schedule the training

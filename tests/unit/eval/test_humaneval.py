@@ -75,7 +75,7 @@ def test_program_puts_the_tests_after_the_completion():
 
 
 # Sampling from a checkpoint on Ray actors is exercised end to end by
-# tests/test_evaluate.py::test_full_run_writes_results_report_and_loss_curve (one Ray start
+# tests/e2e/test_evaluate_run.py::test_full_run_writes_results_report_and_loss_curve (one Ray start
 # for the CLI instead of one more here: the suite runs on 2 cores).
 
 

@@ -1,6 +1,6 @@
 """Rank-aware pieces that need no cluster: which rank owns a checkpoint file, weight digests.
 
-The Trainer subclass and callbacks run under Ray Train in tests/test_job.py.
+The Trainer subclass and callbacks run under Ray Train in tests/e2e/test_job.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """--report-to: where rank 0's tracker writes, and an HF Trainer reporting through it for real.
 
-The full job's TensorBoard files are read back in tests/test_job.py (the submitted run).
+The full job's TensorBoard files are read back in tests/e2e/test_job.py (the submitted run).
 Here the same Trainer subclass and callbacks the workers use run in-process for a few steps
 with MLflow's own file store, and MLflow's client reads every metric back at its steps.
 """

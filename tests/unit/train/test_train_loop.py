@@ -1,6 +1,6 @@
 """The per-worker pieces that need no cluster: batches and the eval cache.
 
-The loop itself runs under Ray Train in tests/test_job.py (job submit, parameter
+The loop itself runs under Ray Train in tests/e2e/test_job.py (job submit, parameter
 equality across ranks, worker death, resume).
 """
 
