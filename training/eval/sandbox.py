@@ -1,26 +1,26 @@
-"""Run untrusted Python (model completions) in a limited child process.
+"""Run untrusted Python (model completions) in a jail: bubblewrap around a limited interpreter.
 
-Every program runs in a FRESH interpreter process (`python -I -S -B`), never in ours:
-- its own new, empty temporary directory as cwd, HOME and TMPDIR (removed afterwards);
-- rlimits set before the program starts: CPU seconds, address space (memory), size of any
-  file written, no core dumps;
-- a wall-clock timeout after which its whole process group is SIGKILLed;
-- stdout/stderr go to files (so a program that prints forever is stopped by the file-size
-  limit, not by filling our memory);
-- no network: a new network namespace (`unshare -rn`, only loopback, down) where the kernel
-  allows unprivileged user namespaces; in any case an audit hook (PEP 578) that refuses
-  socket creation;
-- the same audit hook refuses: opening a file for writing, deleting, renaming, chmod-ing or
-  linking anything outside its directory; starting processes (fork, exec, spawn, subprocess,
-  os.system), sending signals; ctypes; changing rlimits.
+Every program runs in a FRESH interpreter process (`python -I -S -B`), never in ours, and
+by default inside **bubblewrap** (`bwrap`, what Flatpak uses), which builds the child an
+empty root of its own:
+- mounted: the interpreter, its standard library and the shared libraries they load
+  (read-only), the sample's own new, empty folder (read-write: cwd, HOME, TMPDIR), a
+  private /proc, a minimal /dev and an empty /tmp; nothing else of the host's file system,
+  so `~/.ray/auth_token`, storage credentials and other users' files are not there to read;
+- new user, PID, IPC, UTS, cgroup and network namespaces (only loopback, down): it sees
+  only its own processes, cannot signal ours, cannot reach a socket on 127.0.0.1;
+- `--cap-drop ALL`, `--die-with-parent`, `--new-session` (no terminal to inject into);
+- inside, before the program: rlimits (CPU seconds, address space, size of any file
+  written, no core dumps) and an audit hook (PEP 578) that refuses sockets, processes,
+  signals, ctypes, rlimit changes and writes outside its folder: a second layer, and the
+  reason a refused action is reported as "blocked" rather than as a crash;
+- a wall-clock timeout after which the whole process group is SIGKILLed (the jail's PID 1
+  dies with it, and the kernel kills everything left in its PID namespace).
 
-What this does NOT guarantee (see docs/evaluation.md): audit hooks are not a security
-boundary. Code that reaches C (ctypes is refused, but a crafted extension module or an
-interpreter bug) can bypass them; reads of the file system are allowed; when we run as root
-and `unshare` is unavailable, file permissions protect nothing. For hostile code, run the
-whole evaluation inside a container or VM with no credentials. For benchmark completions
-from a model (the use here) it stops the usual accidents: hangs, memory blowups, stray
-writes, `os.system("rm ...")`, network calls.
+Where bubblewrap cannot run (not installed, or user namespaces are off), `run_program`
+refuses: `isolation="guard"` (the CLI's `--unsafe-sandbox`) runs the audit-hook guard alone,
+which by CPython's own account is no security boundary: reads of the file system stay
+possible and code that reaches C gets past it. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 # Runs inside the child before the program: limits, then the audit hook, then the program.
 # It is passed with `-c`, so nothing the program can edit defines the guard.
@@ -115,6 +115,13 @@ _exit(0)  # do not wait for threads the program may have left running
 PASSED, FAILED, TIMEOUT, MEMORY, BLOCKED, KILLED = "passed", "failed", "timeout", "memory", "blocked", "killed"
 
 
+ISOLATIONS = ("bwrap", "guard")
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap cannot run here, and the caller did not accept the guard alone."""
+
+
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 5.0
@@ -125,6 +132,9 @@ class Limits:
     """CPU-seconds limit (RLIMIT_CPU). None: ceil(timeout_s) + 1."""
     file_size_mb: int = 16
     """Largest file (stdout/stderr included) the program may write, in MiB."""
+    isolation: Literal["bwrap", "guard"] = "bwrap"
+    """bwrap: the bubblewrap jail around the guard (refused where bubblewrap cannot run);
+    guard: the audit hook and rlimits alone, no file-system isolation (`--unsafe-sandbox`)."""
 
 
 @dataclass
@@ -154,10 +164,84 @@ def network_namespace_available() -> bool:
         return False
 
 
-def _command(prog: Path, limits: Limits, done_fd: int) -> list[str]:
+def _interpreter() -> str:
+    """The real interpreter binary (a venv's python is a link to it; -I -S needs no venv)."""
+    return os.path.realpath(sys.executable)
+
+
+@functools.lru_cache(maxsize=1)
+def _jail_mounts() -> tuple[str, ...]:
+    """bwrap arguments that mount the interpreter, its standard library and the shared
+    libraries both load, read-only, at their own paths; the base site-packages hidden."""
+    import sysconfig
+
+    exe = _interpreter()
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    files = {exe}
+    dynload = Path(stdlib) / "lib-dynload"
+    objects = [exe, *map(str, dynload.glob("*.so"))]
+    for obj in objects:
+        try:
+            out = subprocess.run(["ldd", obj], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in out.splitlines():
+            parts = line.split()
+            path = parts[2] if len(parts) >= 3 and parts[1] == "=>" else parts[0] if parts else ""
+            if path.startswith("/"):
+                files.add(path)
+                files.add(os.path.realpath(path))
+    args = ["--ro-bind", stdlib, stdlib]
+    site = Path(stdlib) / "site-packages"
+    if site.is_dir():
+        args += ["--tmpfs", str(site)]
+    for f in sorted(files):
+        if os.path.exists(f) and not f.startswith(stdlib + os.sep):
+            args += ["--ro-bind", f, f]
+    return tuple(args)
+
+
+def _jail(work: Path) -> list[str]:
+    return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--hostname", "sandbox", *_jail_mounts(), "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--bind", str(work), str(work), "--chdir", str(work), "--"]
+
+
+@functools.lru_cache(maxsize=1)
+def bubblewrap_problem() -> Optional[str]:
+    """None when the bubblewrap jail runs here, else one line saying why not."""
+    if not shutil.which("bwrap"):
+        return "bubblewrap is not installed (Debian: apt-get install bubblewrap; scripts/setup.sh does it)"
+    work = Path(tempfile.mkdtemp(prefix="sandbox-probe-"))
+    try:
+        r = subprocess.run([*_jail(work), _interpreter(), "-I", "-S", "-c", "import json"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"bubblewrap did not start: {e}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["exit status " + str(r.returncode)])[-1]
+        return f"bubblewrap cannot run here ({why}); user namespaces may be disabled"
+    return None
+
+
+def check_isolation(isolation: str) -> None:
+    """Raise SandboxUnavailable, in one line, when `isolation` cannot be had here."""
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, not {isolation!r}")
+    problem = bubblewrap_problem() if isolation == "bwrap" else None
+    if problem:
+        raise SandboxUnavailable(f"refusing to run generated code: {problem}. Pass --unsafe-sandbox to run it "
+                                 "under the audit-hook guard alone (no file-system isolation)")
+
+
+def _command(prog: Path, limits: Limits, done_fd: int, work: Path) -> list[str]:
     cpu_s = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
-    cmd = [sys.executable, "-I", "-S", "-B", "-c", _GUARD, str(cpu_s),
+    cmd = [_interpreter(), "-I", "-S", "-B", "-c", _GUARD, str(cpu_s),
            str(limits.memory_mb * 2**20), str(limits.file_size_mb * 2**20), str(prog), str(done_fd)]
+    if limits.isolation == "bwrap":
+        return _jail(work) + cmd
     if network_namespace_available():
         cmd = ["unshare", "-rn", "--"] + cmd
     return cmd
@@ -182,8 +266,10 @@ def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
     (exit status 0 alone is not: `os._exit(0)` or `sys.exit()` before the tests fail).
 
     Never raises for anything the program does: hangs, crashes and refused actions are
-    results. Only a failure to start the interpreter at all raises (OSError).
+    results. Raises SandboxUnavailable when the isolation asked for cannot run here, and
+    OSError when the interpreter cannot start at all.
     """
+    check_isolation(limits.isolation)
     work = Path(tempfile.mkdtemp(prefix="sandbox-"))
     start = time.monotonic()
     try:
@@ -195,7 +281,7 @@ def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
         done_r, done_w = os.pipe()
         try:
             with open(work / ".stdout", "wb") as out, open(work / ".stderr", "wb") as err:
-                proc = subprocess.Popen(_command(prog, limits, done_w), cwd=work, env=env, stdin=subprocess.PIPE,
+                proc = subprocess.Popen(_command(prog, limits, done_w, work), cwd=work, env=env, stdin=subprocess.PIPE,
                                         stdout=out, stderr=err, start_new_session=True, close_fds=True,
                                         pass_fds=(done_w,))
                 os.close(done_w)
@@ -212,6 +298,8 @@ def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
                 os.close(done_w)
         stderr = (work / ".stderr").read_bytes()[-2000:].decode("utf-8", "replace")
         rc = None if timed_out else proc.returncode
+        if limits.isolation == "bwrap" and rc is not None and rc > 128:
+            rc = 128 - rc  # bwrap reports a child killed by signal N as exit status 128 + N
         return ExecResult(_classify(rc, timed_out, finished, stderr), rc, time.monotonic() - start, stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -241,6 +329,7 @@ def _supervise(proc: subprocess.Popen, token: str, timeout_s: float) -> bool:
 
 def run_many(sources: Sequence[str], limits: Limits = Limits(), workers: Optional[int] = None) -> list[ExecResult]:
     """Run many programs, `workers` child processes at a time (threads only wait on them)."""
+    check_isolation(limits.isolation)
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda s: run_program(s, limits), sources))

@@ -50,7 +50,8 @@ def test_write_outside_its_directory_is_contained(tmp_path: Path):
                 f"import os\nos.chdir({str(tmp_path)!r})\nopen({target.name!r}, 'a').write('x')\n",
                 f"import pathlib\npathlib.Path({str(target)!r}).write_text('x')\n"):
         r = run_program(src, FAST)
-        assert r.status == BLOCKED, r.stderr_tail
+        # Refused by the guard, or (in the jail) the folder is not even there to write to.
+        assert r.status in (BLOCKED, FAILED) and not r.passed, r.stderr_tail
         assert not target.exists()
     # Deleting or renaming what lies outside is refused too.
     victim = tmp_path / "keep.txt"
