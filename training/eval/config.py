@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from training.config.cli import add_config_flags, flag, overrides
 from training.config.fields import Config, ConfigError, set_field
@@ -117,6 +117,17 @@ class HumanEvalConfig:
 
     save_samples: bool = False
     """keep every completion and outcome in the JSON"""
+
+    unsafe_sandbox: bool = False
+    """run generated code under the audit-hook guard alone where bubblewrap cannot run
+    (no file-system isolation: the code can read what this user can; docs/evaluation.md)"""
+
+    def limits(self) -> "Any":
+        """The sandbox's limits for one sample (training/eval/sandbox.py)."""
+        from training.eval.sandbox import Limits
+
+        return Limits(timeout_s=self.timeout, memory_mb=self.memory_mb,
+                      isolation="guard" if self.unsafe_sandbox else "bwrap")
 
     def validate(self, name: str = "humaneval") -> None:
         _at_least_one(self, ("n", "memory_mb", "problems", "max_new_tokens", "exec_workers"))

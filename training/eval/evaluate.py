@@ -145,7 +145,7 @@ def _sampling(cfg: EvalConfig, max_new: int, stop: Any) -> Any:
 def run_humaneval(cfg: EvalConfig, checkpoint: Optional[Path]) -> dict[str, Any]:
     from training.eval.generation import generate_with_endpoint, generate_with_ray, prompts_of
     from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
-    from training.eval.sandbox import Limits, network_namespace_available
+    from training.eval.sandbox import bubblewrap_problem, network_namespace_available
 
     h = cfg.humaneval
     problems = load_problems(limit=h.problems, task_ids=h.task_id_list())
@@ -161,13 +161,13 @@ def run_humaneval(cfg: EvalConfig, checkpoint: Optional[Path]) -> dict[str, Any]
                                              model=cfg.target.model_name, api_key=api_key)
     gen_s = time.time() - t0
     t0 = time.time()
-    result = score(problems, completions, Limits(timeout_s=h.timeout, memory_mb=h.memory_mb),
-                   workers=h.exec_workers)
+    result = score(problems, completions, h.limits(), workers=h.exec_workers)
     out = result.to_dict(with_samples=h.save_samples)
     out.update({"sampling": {"n": h.n, **dataclasses.asdict(params)}, "prompts_truncated": truncated,
                 "generation_s": round(gen_s, 2), "execution_s": round(time.time() - t0, 2),
-                "sandbox": {"timeout_s": h.timeout, "memory_mb": h.memory_mb,
-                            "network_namespace": network_namespace_available()}})
+                "sandbox": {"timeout_s": h.timeout, "memory_mb": h.memory_mb, "isolation": h.limits().isolation,
+                            "network_namespace": bubblewrap_problem() is None if not h.unsafe_sandbox
+                            else network_namespace_available()}})
     return out
 
 
@@ -175,7 +175,6 @@ def run_infilling(cfg: EvalConfig, checkpoint: Optional[Path]) -> dict[str, Any]
     from training.eval.generation import generate_with_endpoint
     from training.eval.humaneval import score
     from training.eval.infilling import cut_for, exact_match, generate_with_engine, load_problems, stops_for
-    from training.eval.sandbox import Limits
 
     h = cfg.humaneval
     problems = load_problems(h.infilling, limit=h.problems, task_ids=h.task_id_list())
@@ -193,8 +192,7 @@ def run_infilling(cfg: EvalConfig, checkpoint: Optional[Path]) -> dict[str, Any]
                                              suffixes={p["task_id"]: p["suffix"] for p in problems})
     gen_s = time.time() - t0
     t0 = time.time()
-    result = score(problems, completions, Limits(timeout_s=h.timeout, memory_mb=h.memory_mb),
-                   workers=h.exec_workers, cut=cut_for(h.infilling))
+    result = score(problems, completions, h.limits(), workers=h.exec_workers, cut=cut_for(h.infilling))
     out = {"benchmark": h.infilling, **result.to_dict(with_samples=h.save_samples)}
     if h.infilling == "single-line":
         out["exact_match"] = exact_match(problems, completions)
@@ -223,6 +221,10 @@ def check_inputs(cfg: EvalConfig) -> tuple[Optional[Path], Optional[Path]]:
         from training.eval.humaneval import load_problems
 
         load_problems(limit=1)  # the optional dependency is there, before any Ray work
+    if h.humaneval or h.infilling:  # generated code will run: refuse now if its jail cannot
+        from training.eval.sandbox import check_isolation
+
+        check_isolation(h.limits().isolation)
     if h.infilling and checkpoint is not None and not _can_infill(checkpoint):
         raise EvalError(f"--checkpoint {t.checkpoint}: trained without fill-in-the-middle (no fim.json "
                         "with fim_rate > 0), so --infilling cannot run; train with --fim-rate > 0")

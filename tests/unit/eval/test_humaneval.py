@@ -85,13 +85,9 @@ def test_program_puts_the_tests_after_the_completion():
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint):
     """The project's FastAPI app (app.api) with the real Engine, under uvicorn on 127.0.0.1."""
-    pytest.importorskip("uvicorn")
-    try:
-        from app.api import build_app
-        from serving.engine.engine import Engine
-        from serving.local import LocalBackend
-    except ImportError as e:  # the serving helper's modules are not there yet
-        pytest.skip(f"serving app not available: {e}")
+    from app.api import build_app
+    from serving.engine.engine import Engine
+    from serving.local import LocalBackend
     from tests.support.servers import uvicorn_server
 
     with uvicorn_server(build_app(LocalBackend(Engine(tiny_checkpoint)), api_key="k3y")) as url:
@@ -139,3 +135,28 @@ def test_cli_targets_a_running_endpoint_without_starting_ray(served, tmp_path, c
     assert main(["--endpoint", served, "--api-key", "wrong", "--humaneval", "--problems", "1",
                  "--json", str(out)]) == 1
     assert "401" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(900)
+def test_cli_refuses_to_run_code_without_its_jail_unless_told_to(served, tmp_path, capsys, monkeypatch):
+    import json
+
+    from training.eval import sandbox
+    from training.eval.evaluate import main
+
+    out = tmp_path / "eval.json"
+    args = ["--endpoint", served, "--api-key", "k3y", "--humaneval", "--problems", "1", "--n", "1",
+            "--max-new-tokens", "8", "--json", str(out)]
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without bubblewrap (or unshare)
+    for probe in (sandbox.bubblewrap_problem, sandbox.network_namespace_available):
+        probe.cache_clear()
+    try:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "bubblewrap is not installed" in err and "--unsafe-sandbox" in err and len(err.splitlines()) == 1
+        assert not out.exists()  # refused before generating anything
+        assert main([*args, "--unsafe-sandbox"]) == 0, capsys.readouterr().err
+        assert json.loads(out.read_text())["humaneval"]["sandbox"]["isolation"] == "guard"
+    finally:
+        for probe in (sandbox.bubblewrap_problem, sandbox.network_namespace_available):
+            probe.cache_clear()
