@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+
+from tests.support.corpus import held_out_chunks
 
 pytestmark = pytest.mark.timeout(900)  # the first user also pays for the session tiny_checkpoint
 
@@ -22,27 +23,13 @@ def ray_local():
     ray.shutdown()
 
 
-def _chunks(checkpoint, n: int = 12, length: int = 128) -> np.ndarray:
-    """Real code, tokenized with the checkpoint's tokenizer, cut into full chunks."""
-    from tests.support.corpus import stdlib_files
-    from training.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(checkpoint)
-    ids: list[int] = []
-    for f in stdlib_files(80)[60:]:  # files the tiny model was not trained on
-        ids += tok(f.read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
-        if len(ids) >= n * length:
-            break
-    return np.array(ids[: n * length], dtype=np.int32).reshape(n, length)
-
-
 def test_perplexity_matches_direct_model_loss(tiny_checkpoint, ray_local):
     import ray
     from transformers import AutoModelForCausalLM
 
     from training.eval.perplexity import evaluate_loss
 
-    chunks = _chunks(tiny_checkpoint)
+    chunks = held_out_chunks(tiny_checkpoint)
     # Uneven batches and blocks on purpose: the token-weighted sum must not depend on them.
     ds = ray.data.from_items([{"input_ids": c.tolist(), "labels": c.tolist()} for c in chunks],
                              override_num_blocks=3)

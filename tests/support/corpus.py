@@ -25,3 +25,19 @@ def write_codeparrot_parquet(path: Path, files: list[Path], row_group_size: int 
             "content": [f.read_text(encoding="utf-8") for f in files], "license": ["mit"] * len(files)}
     pq.write_table(pa.table(rows), path, row_group_size=row_group_size)
     return path
+
+
+def held_out_chunks(checkpoint, n: int = 12, length: int = 128):
+    """Real code the tiny checkpoint was not trained on, tokenized with its tokenizer, cut into
+    n full chunks (an int32 array n x length)."""
+    import numpy as np
+
+    from training.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    ids: list[int] = []
+    for f in stdlib_files(80)[60:]:  # train_tiny trains on the first 60
+        ids += tok(f.read_text(encoding="utf-8"))["input_ids"] + [tok.eos_token_id]
+        if len(ids) >= n * length:
+            break
+    return np.array(ids[: n * length], dtype=np.int32).reshape(n, length)
