@@ -4,7 +4,7 @@ Bavarian et al. 2022, who find FIM costs no left-to-right loss at scale.
 
 Both runs share the tokenizer (with the FIM sentinels), the chunks (the FIM run's are the
 same chunks, half of them rewritten), the validation split (left to right for both, so
-eval_loss is the same L2R measure), the seed, steps and batch. Reported per run: the final
+eval_loss is the same L2R measure), the random seed, steps and batch. Reported per run: the final
 L2R validation loss, and HumanEval single-line infilling on the first --problems problems
 (greedy; exact match and pass@1 in the sandbox): the FIM model gets prefix + suffix, the
 left-to-right model can only complete from the prefix.

@@ -1,5 +1,5 @@
 """Chunking: exact lengths and contents in both modes, and the tokenizing actor class
-(called directly, no Ray) against the seed's own HF overflow tokenization."""
+(called directly, no Ray) against the course recipe's HF overflow tokenization."""
 
 from __future__ import annotations
 
