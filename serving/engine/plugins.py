@@ -13,17 +13,16 @@ imported, or lacks `install`, stops the replica with an error naming it.
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Any
+
+from training.config.plugins import load_plugin, plugin_specs
 
 PLUGINS_ENV = "CODECOMPLETE_ENGINE_PLUGINS"
 
 
 def plugin_names(value: str | None = None) -> list[str]:
     """The module names in the variable (comma-separated; blanks ignored)."""
-    raw = os.environ.get(PLUGINS_ENV, "") if value is None else value
-    return [name.strip() for name in raw.split(",") if name.strip()]
+    return plugin_specs(PLUGINS_ENV, value)
 
 
 def install_plugins(engine: Any, value: str | None = None) -> list[str]:
@@ -31,12 +30,6 @@ def install_plugins(engine: Any, value: str | None = None) -> list[str]:
     returns their names."""
     names = plugin_names(value)
     for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            raise RuntimeError(f"{PLUGINS_ENV}: cannot import engine plugin {name!r}: {e}") from e
-        install = getattr(module, "install", None)
-        if not callable(install):
-            raise RuntimeError(f"{PLUGINS_ENV}: engine plugin {name!r} has no install(engine) function")
+        _, install = load_plugin(name, PLUGINS_ENV, "engine", "(engine)")
         install(engine)
     return names

@@ -14,9 +14,10 @@ import pytest
 from tests.support import REPO_ROOT
 
 PACKAGES = ("app", "serving", "training")
-# Scripts users run by path (`python training/run.py`, `ray job submit -- python training/run.py`):
-# the only places that may put the repo root on sys.path.
-ENTRY_SCRIPTS = {"training/run.py", "serving/run.py", "training/eval/evaluate.py"}
+# Scripts users run by path where the project may not be installed (`ray job submit -- python
+# training/run.py` ships the working tree to the cluster): the only places that may put the repo
+# root on sys.path. Evaluation runs where the project is installed (`codecomplete-eval`).
+ENTRY_SCRIPTS = {"training/run.py", "serving/run.py"}
 
 
 def _modules() -> dict[str, Path]:

@@ -24,12 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-# `python training/eval/evaluate.py` puts training/ on sys.path, not the repo root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from training.eval.config import EvalConfig, parse  # noqa: E402
-from training.fim_format import read_fim_metadata  # noqa: E402
-from training.layout import RunLayout  # noqa: E402
+from training.eval.config import EvalConfig, parse
+from training.fim_format import read_fim_metadata
+from training.layout import RunLayout
 
 
 class EvalError(ValueError):
@@ -145,7 +142,7 @@ def _sampling(cfg: EvalConfig, max_new: int, stop: Any) -> Any:
 def run_humaneval(cfg: EvalConfig, checkpoint: Optional[Path]) -> dict[str, Any]:
     from training.eval.generation import generate_with_endpoint, generate_with_ray, prompts_of
     from training.eval.humaneval import STOP_SEQUENCES, load_problems, score
-    from training.eval.sandbox import bubblewrap_problem, network_namespace_available
+    from training.eval.sandbox import network_namespace_available
 
     h = cfg.humaneval
     problems = load_problems(limit=h.problems, task_ids=h.task_id_list())
@@ -161,13 +158,14 @@ def run_humaneval(cfg: EvalConfig, checkpoint: Optional[Path]) -> dict[str, Any]
                                              model=cfg.target.model_name, api_key=api_key)
     gen_s = time.time() - t0
     t0 = time.time()
-    result = score(problems, completions, h.limits(), workers=h.exec_workers)
+    limits = h.limits()
+    result = score(problems, completions, limits, workers=h.exec_workers)
     out = result.to_dict(with_samples=h.save_samples)
     out.update({"sampling": {"n": h.n, **dataclasses.asdict(params)}, "prompts_truncated": truncated,
                 "generation_s": round(gen_s, 2), "execution_s": round(time.time() - t0, 2),
-                "sandbox": {"timeout_s": h.timeout, "memory_mb": h.memory_mb, "isolation": h.limits().isolation,
-                            "network_namespace": bubblewrap_problem() is None if not h.unsafe_sandbox
-                            else network_namespace_available()}})
+                "sandbox": {"timeout_s": h.timeout, "memory_mb": h.memory_mb, "isolation": limits.isolation,
+                            # the jail always has its own; the guard alone only where unshare works
+                            "network_namespace": limits.isolation == "bwrap" or network_namespace_available()}})
     return out
 
 

@@ -19,15 +19,13 @@ attribute `ENV_VARS`, and the driver hands their values to the workers as `conte
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from training.config import ConfigError
+from training.config.plugins import load_plugin, plugin_specs as _specs
 
 PLUGINS_ENV = "CODECOMPLETE_TRAIN_PLUGINS"
-DEFAULT_FUNCTION = "install"
 
 
 @dataclass
@@ -50,22 +48,12 @@ class PluginContext:
 
 def plugin_specs(value: Optional[str] = None) -> list[str]:
     """The entries of the variable (comma-separated; blanks ignored)."""
-    raw = os.environ.get(PLUGINS_ENV, "") if value is None else value
-    return [spec.strip() for spec in raw.split(",") if spec.strip()]
+    return _specs(PLUGINS_ENV, value)
 
 
 def load(spec: str) -> tuple[Any, Callable[..., Any]]:
-    """(module, function) of one entry; ConfigError naming it if either is missing."""
-    name, _, func = spec.partition(":")
-    try:
-        module = importlib.import_module(name)
-    except ImportError as e:
-        raise ConfigError(f"{PLUGINS_ENV}: cannot import training plugin {name!r}: {e}") from None
-    fn = getattr(module, func or DEFAULT_FUNCTION, None)
-    if not callable(fn):
-        raise ConfigError(f"{PLUGINS_ENV}: training plugin {spec!r} has no "
-                          f"{func or DEFAULT_FUNCTION}(trainer, context) function")
-    return module, fn
+    """(module, function) of one entry; a ConfigError naming it if either is missing."""
+    return load_plugin(spec, PLUGINS_ENV, "training", "(trainer, context)")
 
 
 def driver_settings(value: Optional[str] = None) -> dict[str, Any]:

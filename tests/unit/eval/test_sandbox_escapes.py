@@ -98,11 +98,9 @@ def test_a_socket_to_a_local_server_reaches_it_outside_and_not_inside():
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)
         assert got == [b"leak"]
-        # The hook refuses the import; without it the jail's network namespace has no route.
+        # The hook refuses the import (the jail's own network namespace, with only a down
+        # loopback, is test_sandbox.py's test_sample_runs_in_its_own_network_namespace).
         assert run_program(src, JAIL).status == BLOCKED
-        no_hook = f"import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
-        r = run_program(no_hook, JAIL)
-        assert not r.passed
         time.sleep(0.5)
         assert got == [b"leak"]
     finally:
