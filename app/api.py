@@ -12,10 +12,11 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from app import openai_completions
 from app.auth import bearer_dependency
+from app.admission import AdmissionGate, GatedStreamingResponse
 from app.backend import SSE_HEADERS, Backend, Prompt, check_new_tokens, check_suffix, collect, deltas, sse
 from app.errors import BODY_TIMEOUT_S, BodyLimitMiddleware, error_body, failure_body, install_error_handlers
 from app.playground import install_playground
@@ -33,8 +34,11 @@ ERROR_MEANINGS = {
     415: "The body was not sent as `Content-Type: application/json`.",
     422: "A field is missing, unknown, of the wrong type or out of range; `error.field` names it.",
     500: "Generation failed for this request (alone); `error.request_id` is in the server's log.",
-    503: "The model is not loaded yet.",
+    503: "The model is not loaded yet (/health), or the server is overloaded (the completion routes): "
+         "retry after the `Retry-After` header's seconds.",
 }
+# The completion routes' 503: load shedding (app/admission.py), with the header a client backs off by.
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 # One server-sent event (OpenAPI 3.1 has no per-event `itemSchema`; tools read `schema` as
 # that): `data` is a JSON object, or "[DONE]" last.
 SSE_EVENT = {"type": "object", "required": ["data"],
@@ -45,7 +49,10 @@ SSE_200 = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
 
 def errors(*codes: int) -> dict:
     """OpenAPI `responses` for these error statuses, all with the one error body."""
-    return {c: {"model": ErrorResponse, "description": ERROR_MEANINGS[c]} for c in codes}
+    out: dict = {c: {"model": ErrorResponse, "description": ERROR_MEANINGS[c]} for c in codes}
+    if 503 in out:
+        out[503]["headers"] = RETRY_AFTER
+    return out
 
 
 def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
@@ -55,10 +62,12 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware)
     auth = [Depends(bearer_dependency(api_key))]
     denied = (401,) if api_key else ()
-    body_errors = (400, *denied, 408, 413, 415, 422, 500)
+    body_errors = (400, *denied, 408, 413, 415, 422, 500, 503)
+    gate = app.state.admission = AdmissionGate.for_backend(backend)  # load shedding (app/admission.py)
     install_playground(app)  # GET /: a page to try the model (it calls the routes below)
 
-    @app.get("/health", response_model=Health, responses=errors(503))
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": ErrorResponse, "description": "The model is not loaded yet."}})
     async def health():
         if not backend.ready():
             return JSONResponse(error_body(503, "model not loaded"), status_code=503)
@@ -76,10 +85,14 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
             check_suffix(backend, req.suffix)
             if backend.can_infill:
                 prompt = Infill(req.prompt, req.suffix)
+        ticket = gate.enter(1)
         if req.stream:
-            return StreamingResponse(_complete_events(backend, prompt, params),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        text, final = await collect(backend, prompt, params)
+            return GatedStreamingResponse(_complete_events(backend, prompt, params), ticket,
+                                          media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            text, final = await collect(backend, prompt, params)
+        finally:
+            ticket.release()
         return CompleteResponse(completion=text, finish_reason=final.finish_reason, truncated=final.truncated,
                                 usage=Usage(prompt_tokens=final.prompt_tokens,
                                             completion_tokens=final.completion_tokens),
@@ -92,7 +105,7 @@ def build_app(backend: Backend, api_key: Optional[str] = None) -> FastAPI:
                                          infill=bool(getattr(backend, "can_infill", False)))])
 
     # /v1/completions, /tokenize, /detokenize
-    openai_completions.register(app, backend, auth, responses={**SSE_200, **errors(*body_errors, 404)})
+    openai_completions.register(app, backend, auth, gate, responses={**SSE_200, **errors(*body_errors, 404)})
 
     app.openapi = lambda: model_limits_in_schema(app, backend)
     return app

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Optional, Sequence
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from app.admission import AdmissionGate, GatedStreamingResponse
 from app.backend import SSE_HEADERS, Prompt, check_new_tokens, check_suffix, collect, deltas, sse
 from app.errors import APIError, failure_body
 from app.schemas import (CompletionChoice, CompletionRequest, CompletionResponse, CompletionUsage,
@@ -103,7 +104,7 @@ def openai_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"  # OpenAI folds eos into "stop"
 
 
-def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] = None) -> None:
+def register(app: FastAPI, backend: Any, auth: list, gate: AdmissionGate, responses: Optional[dict] = None) -> None:
     @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse, responses=responses)
     async def completions(req: CompletionRequest):
         if req.model != backend.model_name:
@@ -112,12 +113,16 @@ def register(app: FastAPI, backend: Any, auth: list, responses: Optional[dict] =
         jobs = plan(req, backend)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         usage = bool(req.stream_options and req.stream_options.include_usage)
+        ticket = gate.enter(len(jobs))  # 503 + Retry-After at once when the replica is full
         if req.stream and not (req.echo and req.logprobs is not None):
             for k, job in enumerate(jobs):
                 job.index = k
-            return StreamingResponse(_events(backend, jobs, rid, created, usage, req.logprobs is not None),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        results = await asyncio.gather(*(collect(backend, j.prompt, j.params, with_logprobs=True) for j in jobs))
+            return GatedStreamingResponse(_events(backend, jobs, rid, created, usage, req.logprobs is not None),
+                                          ticket, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            results = await asyncio.gather(*(collect(backend, j.prompt, j.params, with_logprobs=True) for j in jobs))
+        finally:
+            ticket.release()
         for job, (text, final, lps) in zip(jobs, results):
             job.text, job.final, job.logprobs = text, final, lps
         chosen = _rank(jobs, req.n)

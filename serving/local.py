@@ -18,7 +18,7 @@ from serving.engine.streams import request_steps
 
 
 class LocalBackend:
-    def __init__(self, engine: Engine, max_rows: int = 64):
+    def __init__(self, engine: Engine, max_rows: int = 64, max_queued: int = -1, retry_after_s: int = 1):
         self.engine = engine
         self.model_name = engine.model_name
         self.context_length = engine.context_length
@@ -26,6 +26,9 @@ class LocalBackend:
         self.can_infill = engine.fim is not None
         self.tokenize, self.detokenize = engine.tokenize, engine.detokenize
         self.decoder = DecodeLoop(engine, max_rows=max_rows)
+        # The app's admission gate (app/admission.py): unbounded unless asked, as in unit tests.
+        self.max_rows_in_flight = None if max_queued < 0 else max_rows + max_queued
+        self.retry_after_s = retry_after_s
 
     def ready(self) -> bool:
         return True

@@ -52,6 +52,11 @@ class _Group:
         self.submitted = time.perf_counter()  # for time-to-first-token
 
 
+def _abandoned(g: _Group) -> bool:
+    """Every row of the group was cancelled (its client went away) before it joined the batch."""
+    return all(r.cancel is not None and r.cancel.is_set() for r in g.rows)
+
+
 class DecodeLoop:
     """Continuous batching over an Engine (serving/engine/engine.py): its start_rows, prefill,
     forward, sample, end_ids, detokenize and piece."""
@@ -119,6 +124,12 @@ class DecodeLoop:
                 pending.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        if any(_abandoned(g) for g in pending):  # clients gone while waiting: never prefilled
+            for g in [g for g in pending if _abandoned(g)]:
+                pending.remove(g)
+                for i in range(len(g.rows)):
+                    self._end_row(g, i, output.cancelled(g.rows[i]))
+                self.cancelled += len(g.rows)
         joining: list[_Group] = []
         room = self.max_rows - len(self._members)
         while pending and (len(pending[0].rows) <= room or not (self._members or joining)):

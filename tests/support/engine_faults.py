@@ -6,16 +6,20 @@
 
 A text prompt holding the marker fails while it is sampled ("injected test fault"); one
 holding the marker followed by "forward" fails in every decode forward pass it takes part
-in. So tests can check that one failing request leaves its batch-mates alone.
+in. So tests can check that one failing request leaves its batch-mates alone. One holding
+the marker followed by "slow" makes every decode step it takes part in last SLOW_S longer,
+so a test can hold a replica full of requests (load shedding) with a model this small.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 MARKER_ENV = "ENGINE_FAULT_MARKER"
 DEFAULT_MARKER = "#poison#"
+SLOW_S = 0.05
 
 
 def fault_of(row: Any, marker: str) -> str:
@@ -23,6 +27,8 @@ def fault_of(row: Any, marker: str) -> str:
     prompt = row.prompt
     if not (isinstance(prompt, str) and marker in prompt):
         return ""
+    if marker + "slow" in prompt:
+        return "slow"
     return "forward" if marker + "forward" in prompt else "sample"
 
 
@@ -37,8 +43,11 @@ def install(engine: Any, marker: Optional[str] = None) -> None:
         return sample(logits, rows)
 
     def faulty_forward(state, rows, next_ids):
-        if any(fault_of(r, marker) == "forward" for r in rows):
+        faults = {fault_of(r, marker) for r in rows}
+        if "forward" in faults:
             raise RuntimeError("injected test fault in the forward pass (tests/support/engine_faults.py)")
+        if "slow" in faults:
+            time.sleep(SLOW_S)
         return forward(state, rows, next_ids)
 
     engine.sample, engine.forward = faulty_sample, faulty_forward

@@ -175,9 +175,12 @@ def test_auth_on_guards_all_but_health(engine):
 def test_openapi_documents_statuses_and_model_limits(client, engine):
     schema = client.get("/openapi.json").json()
     ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
-    assert set(ops["POST", "/complete"]["responses"]) == {"200", "400", "408", "413", "415", "422", "500"}
-    assert set(ops["POST", "/v1/completions"]["responses"]) == {"200", "400", "404", "408", "413", "415", "422", "500"}
+    assert set(ops["POST", "/complete"]["responses"]) == {"200", "400", "408", "413", "415", "422", "500", "503"}
+    assert set(ops["POST", "/v1/completions"]["responses"]) == {"200", "400", "404", "408", "413", "415", "422",
+                                                                 "500", "503"}
     assert set(ops["GET", "/health"]["responses"]) == {"200", "503"}
+    for path in ("/complete", "/v1/completions"):  # overload: the client is told when to come back
+        assert "Retry-After" in ops["POST", path]["responses"]["503"]["headers"]
     err = ops["POST", "/complete"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert err == {"$ref": "#/components/schemas/ErrorResponse"}
     assert "text/event-stream" in ops["POST", "/complete"]["responses"]["200"]["content"]
