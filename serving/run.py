@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
               "start it with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start ...` on every node", file=sys.stderr)
         return 2
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    opts = deploy_options(num_cpus=cfg.num_cpus, num_replicas=cfg.num_replicas, env_vars=key_env())
+    opts = deploy_options(num_cpus=cfg.num_cpus, num_replicas=cfg.num_replicas, env_vars=key_env(),
+                          max_batch_size=cfg.max_batch_size, max_queued=cfg.max_queued)
     app = Completer.options(**opts).bind(
         checkpoint=str(checkpoint), model_name=cfg.model_name, num_threads=cfg.torch_threads,
         max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_s,
-        stream_interval_s=cfg.stream_interval_s)
+        stream_interval_s=cfg.stream_interval_s, max_queued=cfg.max_queued, retry_after_s=cfg.retry_after_s)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     auth = "on (Authorization: Bearer $COMPLETE_API_KEY)" if key_env() else "off"

@@ -42,6 +42,13 @@ class ServeConfig(Config):
     max_batch_size: int = 64
     """rows decoding together in a replica"""
 
+    max_queued: int = 64
+    """rows a replica keeps waiting for a place in the batch; a request past them is answered
+    503 with Retry-After at once (app/admission.py). -1: no bound (every request waits)"""
+
+    retry_after_s: int = 1
+    """the Retry-After (seconds) of an overload 503"""
+
     batch_wait_ms: float = 0.0
     """how long a request that finds the decode loop idle waits for company (0: none)"""
 
@@ -59,10 +66,17 @@ class ServeConfig(Config):
         check(bool(self.checkpoint), flag("checkpoint"), self.checkpoint, "required: the training run's OUTPUT/model/ folder")
         for name in ("num_replicas", "max_batch_size"):
             check(getattr(self, name) >= 1, flag(name), getattr(self, name), "must be >= 1")
+        check(self.max_queued >= -1, flag("max_queued"), self.max_queued, "must be >= 0, or -1 for no bound")
+        check(self.retry_after_s >= 1, flag("retry_after_s"), self.retry_after_s, "must be >= 1")
         check(0 < self.port < 65536, flag("port"), self.port, "must be in 1..65535")
         check(self.num_cpus > 0, flag("num_cpus"), self.num_cpus, "must be > 0")
         for name in ("batch_wait_ms", "stream_interval_ms"):
             check(getattr(self, name) >= 0, flag(name), getattr(self, name), "must be >= 0")
+
+    @property
+    def max_rows_in_flight(self) -> Optional[int]:
+        """Rows a replica holds at most (decoding + waiting); None: no bound."""
+        return rows_in_flight(self.max_batch_size, self.max_queued)
 
     @property
     def batch_wait_s(self) -> float:
@@ -76,6 +90,26 @@ class ServeConfig(Config):
     def torch_threads(self) -> int:
         """Torch threads per replica: its whole CPUs, at least 1."""
         return max(1, int(self.num_cpus))
+
+
+def rows_in_flight(max_batch_size: int, max_queued: int) -> Optional[int]:
+    """The admission gate's capacity: a full batch plus the queue (None: max_queued -1, no bound)."""
+    return None if max_queued < 0 else max_batch_size + max_queued
+
+
+def serve_queue_limits(max_batch_size: int, max_queued: int) -> dict[str, int]:
+    """Ray Serve's own limits for the deployment, around the replica's gate.
+
+    max_ongoing_requests is above the gate's capacity, so that a request past capacity still
+    reaches the replica and gets its fast JSON 503 (rejecting takes a millisecond; a full batch
+    more covers a burst of them). max_queued_requests bounds what waits in front of the
+    replicas (at the proxy / handle) for the moment a burst outruns even the rejections: it
+    only buffers arrivals for the replica to answer, so it is a few times the capacity;
+    past it Serve's proxy answers 503 + Retry-After itself (with a plain-text body)."""
+    capacity = rows_in_flight(max_batch_size, max_queued)
+    if capacity is None:  # no bound asked for: Serve's defaults (queue without limit)
+        return {"max_ongoing_requests": max_batch_size, "max_queued_requests": -1}
+    return {"max_ongoing_requests": capacity + max_batch_size, "max_queued_requests": 4 * capacity}
 
 
 DEFAULTS = ServeConfig()  # the service's defaults, for whoever needs one of them

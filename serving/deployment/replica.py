@@ -35,7 +35,7 @@ from serving.engine.params import Delta, SamplingParams
 from serving.engine.plugins import install_plugins
 from serving.engine.scheduler import DecodeLoop
 from serving.engine.streams import request_steps
-from serving.serve_config import DEFAULTS
+from serving.serve_config import DEFAULTS, rows_in_flight, serve_queue_limits
 from serving.deployment.service_metrics import RequestMetricsMiddleware, ServiceMetrics
 
 # The defaults (rows decoding together, the wait of a request that finds the loop idle,
@@ -48,8 +48,9 @@ _NOTHING = Delta("")  # a step that released no text for a request
 @serve.deployment(
     name="Completer",
     ray_actor_options={"num_cpus": DEFAULTS.num_cpus},
-    # Must cover a full batch, or the router never hands a replica enough requests to batch.
-    max_ongoing_requests=DEFAULTS.max_batch_size,
+    # Above a full batch plus the replica's queue (serving/serve_config.py: serve_queue_limits),
+    # so requests past it reach the replica's gate and get its fast 503 (app/admission.py).
+    **serve_queue_limits(DEFAULTS.max_batch_size, DEFAULTS.max_queued),
     health_check_period_s=2.0,
     health_check_timeout_s=30.0,
     graceful_shutdown_timeout_s=5.0,
@@ -58,7 +59,8 @@ _NOTHING = Delta("")  # a step that released no text for a request
 class Completer:
     def __init__(self, checkpoint: str, model_name: Optional[str] = None, num_threads: Optional[int] = None,
                  max_batch_size: int = DEFAULTS.max_batch_size, batch_wait_timeout_s: float = DEFAULTS.batch_wait_s,
-                 stream_interval_s: float = DEFAULTS.stream_interval_s):
+                 stream_interval_s: float = DEFAULTS.stream_interval_s, max_queued: int = DEFAULTS.max_queued,
+                 retry_after_s: int = DEFAULTS.retry_after_s):
         threads = num_threads or _replica_cpus()
         self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/deployment/allocator.py)
         self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
@@ -70,6 +72,9 @@ class Completer:
         self.can_infill = self.engine.fim is not None  # fim.json: the app serves `suffix`
         self.tokenize, self.detokenize = self.engine.tokenize, self.engine.detokenize
         self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
+        # The app's admission gate (app/admission.py) reads these: rows held at most, the 503's Retry-After.
+        self.max_rows_in_flight = rows_in_flight(max_batch_size, max_queued)
+        self.retry_after_s = retry_after_s
         self.metrics = ServiceMetrics(self.model_name)  # Prometheus, via Ray's metrics agent
         self.decoder.observer = self.metrics
         self._batch_wait_s = max(0.0, float(batch_wait_timeout_s))
@@ -79,10 +84,12 @@ class Completer:
 
     def stats(self) -> dict[str, float]:
         """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled;
-        malloc_tuned is 1 where serving/deployment/allocator.py's settings apply."""
+        malloc_tuned is 1 where serving/deployment/allocator.py's settings apply; the process's
+        resident memory now and at its peak (MiB)."""
         d = self.decoder
         return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
-                "cancelled": d.cancelled, "malloc_tuned": float(self._malloc_tuned), **d.timings, **self._times}
+                "cancelled": d.cancelled, "malloc_tuned": float(self._malloc_tuned), **_memory_mib(),
+                **d.timings, **self._times}
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
@@ -144,6 +151,18 @@ def _merge(present: list[Delta]) -> Delta:
     return replace(last, text="".join(d.text for d in present), logprobs=[e for d in present for e in d.logprobs])
 
 
+def _memory_mib() -> dict[str, float]:
+    """This process's resident set now (from /proc, where there is one) and its peak (getrusage)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        now = peak
+    return {"rss_mib": now, "peak_rss_mib": peak}
+
+
 def _replica_cpus() -> int:
     """Torch threads = the CPUs this replica reserved (at least 1)."""
     import ray
@@ -158,13 +177,15 @@ def build(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import path `serving.deployment:build`).
 
     args: checkpoint (required), model_name, num_threads, max_batch_size, batch_wait_timeout_s,
-    stream_interval_s.
+    stream_interval_s, max_queued, retry_after_s. Serve's own max_ongoing_requests /
+    max_queued_requests go in the config's `deployments` section (serving/config.yaml).
     The checkpoint is checked here, so a bad path fails the deploy with a message naming it.
     """
     args = dict(args or {})
     if "checkpoint" not in args:
         raise ValueError("args.checkpoint is required: the training run's OUTPUT/model/ folder")
-    known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
+    known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s", "stream_interval_s",
+             "max_queued", "retry_after_s"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown args {unknown}; known: {sorted(known)}")
@@ -176,12 +197,14 @@ app_builder = build  # the name Serve's docs use
 
 
 def deploy_options(num_cpus: float = DEFAULTS.num_cpus, num_replicas: int = DEFAULTS.num_replicas,
-                   env_vars: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Deployment options for `Completer.options(...)`: CPUs per replica, replica count, env."""
+                   env_vars: Optional[dict[str, str]] = None, max_batch_size: int = DEFAULTS.max_batch_size,
+                   max_queued: int = DEFAULTS.max_queued) -> dict[str, Any]:
+    """Deployment options for `Completer.options(...)`: CPUs per replica, replica count, env,
+    and Serve's queue limits around the replica's gate."""
     actor: dict[str, Any] = {"num_cpus": num_cpus}
     if env_vars:
         actor["runtime_env"] = {"env_vars": env_vars}
-    return {"ray_actor_options": actor, "num_replicas": num_replicas}
+    return {"ray_actor_options": actor, "num_replicas": num_replicas, **serve_queue_limits(max_batch_size, max_queued)}
 
 
 def key_env() -> dict[str, str]:

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import yaml
 
-from serving.serve_config import DEFAULTS, ServeConfig
+from serving.serve_config import DEFAULTS, ServeConfig, rows_in_flight, serve_queue_limits
 from tests.support import REPO_ROOT
 
 
@@ -19,9 +19,29 @@ def test_config_yaml_agrees_with_the_defaults():
     assert app["args"]["max_batch_size"] == DEFAULTS.max_batch_size
     assert app["args"]["batch_wait_timeout_s"] == DEFAULTS.batch_wait_s
     assert app["args"]["stream_interval_s"] == DEFAULTS.stream_interval_s
+    assert app["args"]["max_queued"] == DEFAULTS.max_queued
+    assert app["args"]["retry_after_s"] == DEFAULTS.retry_after_s
     deployment = app["deployments"][0]
     assert deployment["ray_actor_options"]["num_cpus"] == DEFAULTS.num_cpus
-    assert deployment["max_ongoing_requests"] >= DEFAULTS.max_batch_size  # or the batch never fills
+    # Serve's limits around the replica's gate, as serve_queue_limits derives them
+    assert {k: deployment[k] for k in ("max_ongoing_requests", "max_queued_requests")} == \
+        serve_queue_limits(DEFAULTS.max_batch_size, DEFAULTS.max_queued)
+
+
+def test_the_cluster_config_bounds_its_queues_around_its_gate():
+    cfg = yaml.safe_load((REPO_ROOT / "deploy" / "serve" / "cluster.yaml").read_text())
+    app = cfg["applications"][0]
+    deployment = app["deployments"][0]
+    assert {k: deployment[k] for k in ("max_ongoing_requests", "max_queued_requests")} == \
+        serve_queue_limits(app["args"]["max_batch_size"], app["args"]["max_queued"])
+
+
+def test_serve_limits_sit_above_the_gate_and_unbounded_means_serves_defaults():
+    assert rows_in_flight(64, 64) == 128 and rows_in_flight(64, 0) == 64 and rows_in_flight(64, -1) is None
+    limits = serve_queue_limits(64, 64)
+    assert limits["max_ongoing_requests"] > rows_in_flight(64, 64)  # past the gate: the replica's own 503
+    assert limits["max_queued_requests"] >= 1
+    assert serve_queue_limits(8, -1) == {"max_ongoing_requests": 8, "max_queued_requests": -1}
 
 
 def test_the_deployment_takes_its_defaults_from_the_config():
@@ -32,10 +52,14 @@ def test_the_deployment_takes_its_defaults_from_the_config():
     assert init["max_batch_size"].default == DEFAULTS.max_batch_size
     assert init["batch_wait_timeout_s"].default == DEFAULTS.batch_wait_s
     assert init["stream_interval_s"].default == DEFAULTS.stream_interval_s
-    assert Completer.max_ongoing_requests == DEFAULTS.max_batch_size
+    assert init["max_queued"].default == DEFAULTS.max_queued
+    assert init["retry_after_s"].default == DEFAULTS.retry_after_s
+    limits = serve_queue_limits(DEFAULTS.max_batch_size, DEFAULTS.max_queued)
+    assert Completer.max_ongoing_requests == limits["max_ongoing_requests"]
+    assert Completer.max_queued_requests == limits["max_queued_requests"]
     assert Completer.ray_actor_options["num_cpus"] == DEFAULTS.num_cpus
     assert deploy_options() == {"ray_actor_options": {"num_cpus": DEFAULTS.num_cpus},
-                                "num_replicas": DEFAULTS.num_replicas}
+                                "num_replicas": DEFAULTS.num_replicas, **limits}
 
 
 def test_the_launchers_flags_are_the_fields_with_their_defaults():
@@ -59,6 +83,7 @@ def test_the_launchers_flags_are_the_fields_with_their_defaults():
     (["--num-replicas", "0"], "--num-replicas"), (["--max-batch-size", "0"], "--max-batch-size"),
     (["--num-cpus", "0"], "--num-cpus"), (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
     (["--stream-interval-ms", "-1"], "--stream-interval-ms"), (["--ingress", "both"], "--ingress"),
+    (["--max-queued", "-2"], "--max-queued"), (["--retry-after-s", "0"], "--retry-after-s"),
 ])
 def test_a_bad_value_exits_2_naming_its_flag(argv, flag, capsys):
     from serving.run import parse
