@@ -320,6 +320,73 @@ def test_bounded_load_all_answered_no_5xx(service):
     assert requests.get(service + "/health", timeout=10).status_code == 200
 
 
+@pytest.mark.timeout(240)
+def test_a_burst_of_10x_capacity_is_answered_or_refused_fast(service):
+    """512 concurrent streaming requests on one replica with room for 64 rows decoding and 64
+    waiting (serving/config.yaml): each gets its whole completion, or a 503 with Retry-After in
+    the OpenAI error shape at once; none waits past the bound; the replica's memory stays
+    bounded; and the service answers normally right after. The requests are slowed
+    (tests/support/engine_faults.py: each step 50 ms longer) so the tiny model is a full replica.
+
+    The bound: an admitted request waits for at most the 64 rows ahead of it, i.e. one
+    completion's time, then takes one more; a refused one is answered in well under a second
+    on an idle machine. Both limits below leave room for the 2-core box running the burst's
+    512 clients, the proxy and the replica at once."""
+    import asyncio
+
+    import httpx
+
+    n, tokens = 512, 32
+    body = {"model": "tiny", "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    before = replica_stats()
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict:
+        t0 = time.perf_counter()
+        async with client.stream("POST", "/v1/completions",
+                                 json={**body, "prompt": f"{POISON}slow def f{i}("}) as r:
+            out = {"status": r.status_code, "headers_s": time.perf_counter() - t0,
+                   "retry_after": r.headers.get("retry-after")}
+            if r.status_code != 200:
+                out["body"] = json.loads(await r.aread())
+            else:
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                out["done"] = events[-1] == "data: [DONE]"
+                out["finish"] = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]][-1]
+        out["total_s"] = time.perf_counter() - t0
+        return out
+
+    async def burst() -> list[dict]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=service, limits=limits, timeout=httpx.Timeout(120)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(n)))
+
+    model = requests.get(service + "/v1/models", timeout=10).json()["data"][0]["id"]
+    body["model"] = model
+    t0 = time.perf_counter()
+    results = asyncio.run(burst())
+    wall = time.perf_counter() - t0
+    after = replica_stats()
+    ok = [r for r in results if r["status"] == 200]
+    refused = [r for r in results if r["status"] == 503]
+    print(f"burst of {n}: {len(ok)} completed, {len(refused)} refused in {wall:.1f} s; slowest refusal "
+          f"{max((r['total_s'] for r in refused), default=0):.2f} s, slowest completion "
+          f"{max((r['total_s'] for r in ok), default=0):.1f} s; replica RSS {before['rss_mib']:.0f} -> "
+          f"peak {after['peak_rss_mib']:.0f} MiB")
+    assert len(ok) + len(refused) == n, sorted({r["status"] for r in results})
+    assert ok and refused, "a burst of 10x the capacity is neither all served nor all refused"
+    assert all(r["done"] and r["finish"] == "length" for r in ok)  # whole completions, every token
+    for r in refused:
+        assert r["retry_after"] == "1" and r["body"]["error"]["type"] == "service_unavailable", r
+        assert "overloaded" in r["body"]["error"]["message"]
+    assert max(r["total_s"] for r in refused) < 10.0
+    assert max(r["total_s"] for r in ok) < 90.0
+    assert after["max_rows_seen"] <= 64
+    assert after["peak_rss_mib"] - before["rss_mib"] < 512, (before, after)  # bounded: at most 128 rows held
+    # and right after, the service answers as usual
+    r = post(service, "/v1/completions", {"model": model, "prompt": "def f(", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
 def replica_names(app: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith(f"SERVE_REPLICA::{app}#"))
