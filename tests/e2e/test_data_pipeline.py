@@ -211,7 +211,7 @@ def test_each_filter_drops_and_counts_its_files(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_clean_recipe_and_licences_on_a_codeparrot_parquet_corpus(tmp_path):
+def test_clean_recipe_and_licences_on_a_codeparrot_parquet_corpus(tmp_path, capsys):
     """--clean codeparrot and --licenses in the real Ray stages: every drop, by rule, as the
     pure functions predict with the run's own tokenizer; the kept rows' chunks exactly."""
     rng = random.Random(0)  # CJK characters (alphanumeric to str.isalnum) a 500-token BPE splits into bytes
@@ -247,6 +247,17 @@ def test_clean_recipe_and_licences_on_a_codeparrot_parquet_corpus(tmp_path):
             "quality_few_assignments", "quality_no_keywords"} <= set(reasons)
     assert out.stats["filters"]["clean"] == "codeparrot" and out.stats["files_train"] == len(kept)
     assert read_chunks(out.train_dir) == expected_chunks(kept, tok, 0.0)["train"]
+    # Scoring a folder (no licence column) with this run's data config, as the evaluation does:
+    # read without the licence filter, said in one line; the recipe still applies.
+    for f in files[:3]:
+        shutil.copy(f, folder / f.name)
+    capsys.readouterr()
+    scored = chunk_dataset(str(folder), out.tokenizer_dir, job(tmp_path, clean="codeparrot", clean_seed=1,
+                                                                licenses=["mit"]).data)
+    texts = [f.read_text(encoding="utf-8") for f in sorted(folder.glob("*.py"))]
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    assert scored.count() == sum(n // CTX for t, n in zip(texts, lengths) if not clean_problem(t, "codeparrot", 1, n)) > 0
+    assert "has no licence column; reading it without data.licenses" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(240)
@@ -264,12 +275,14 @@ def test_chunk_dataset_streams_the_same_chunks_for_evaluation(prepared, corpus):
 @pytest.mark.timeout(240)
 def test_hub_loader_on_a_local_parquet_copy(prepared, tmp_path):
     files = stdlib_files(12)
-    for i in range(2):  # two shards, read by two tasks
-        write_codeparrot_parquet(tmp_path / "codeparrot-ds-train" / "data" / f"train-0000{i}-of-00002.parquet", files[i::2])
-    cfg = DataConfig(batch_rows=4, valid_fraction=0.0)
+    for i in range(2):  # two shards, read by two tasks; the second has rows of another licence
+        write_codeparrot_parquet(tmp_path / "codeparrot-ds-train" / "data" / f"train-0000{i}-of-00002.parquet",
+                                 files[i::2], licenses=["mit", "gpl-3.0"] * 3 if i else None)
+    cfg = DataConfig(batch_rows=4, valid_fraction=0.0, licenses=["mit"])
     hub = chunk_dataset("hf:" + str(tmp_path / "codeparrot-ds-train"), prepared.tokenizer_dir, cfg)
     tok = load_tokenizer(prepared.tokenizer_dir)
-    expected = sum(len(tok(f.read_text(encoding="utf-8"))["input_ids"]) // CTX for f in files)
+    mit = files[0::2] + files[1::2][0::2]
+    expected = sum(len(tok(f.read_text(encoding="utf-8"))["input_ids"]) // CTX for f in mit)
     assert hub.count() == expected > 0
 
 

@@ -32,13 +32,18 @@ def _named(licenses: Iterable[str]) -> str:
     return ",".join(sorted(normalize_licenses(licenses)))
 
 
+def may_have_licenses(corpus: Any) -> bool:
+    """False for a corpus (sources.Corpus) known to have no `license` column; `columns`
+    None (not known before reading) may have one: the rows decide."""
+    return corpus.columns is None or "license" in corpus.columns
+
+
 def check_licenses(licenses: Iterable[str], *corpora: Any, field_name: str = "data.licenses") -> None:
-    """Refuse a licence filter on a corpus (sources.Corpus) known to have no `license`
-    column. `columns` None (not known before reading) passes; the rows decide."""
+    """Refuse a licence filter on a corpus known to have no `license` column."""
     if not normalize_licenses(licenses):
         return
     for c in corpora:
-        if c is None or c.columns is None or "license" in c.columns:
+        if c is None or may_have_licenses(c):
             continue
         what = ("is a folder of .py files, which has no licence column" if c.kind == "folder" else
                 "has no 'license' column" + (" in every file" if len(c.files) > 1 else "")

@@ -12,6 +12,7 @@ only the chunks travel through the object store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,7 +29,7 @@ from training.config import ConfigError, DataConfig, JobConfig
 from training.data import sources, split as splitting
 from training.data.chunking import TokenizeStage
 from training.data.filters import clean_stage, content_hash, keep_filters, keyword_stage, quality_stage, dedup_stage
-from training.data.licenses import check_license_counts, check_licenses
+from training.data.licenses import check_license_counts, check_licenses, may_have_licenses
 from training.data.stats import Ledger, fingerprint, one_line, read_stats, summarize, write_stats
 from training.layout import RunLayout
 
@@ -121,7 +122,9 @@ def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: Da
         raise ConfigError(f"split={split!r}: must be train, valid or all")
     data_cfg.validate()
     c = sources.resolve_corpus(corpus, "data.corpus", data_cfg.max_files)
-    check_licenses(data_cfg.licenses, c)
+    if data_cfg.licenses and not may_have_licenses(c):  # scoring another corpus than the run's
+        print(f"data: {c.describe()} has no licence column; reading it without data.licenses", flush=True)
+        data_cfg = dataclasses.replace(data_cfg, licenses=[])
     from training.ray_utils import init_ray
 
     init_ray()  # a no-op when Ray is already up
