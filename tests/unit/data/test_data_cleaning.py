@@ -17,6 +17,7 @@ from tests.support import REPO_ROOT
 from tests.support.corpus import stdlib_files
 from training.config import ConfigError
 from training.config.cli import parse
+from training.data.fast_bpe import load_fast_bpe
 from training.data.filters import (CLEAN_RULES, CODEPARROT, CleanRecipe, clean_batch, clean_problem, clean_reasons,
                                    draw, has_few_assignments, is_config_or_test, keep_filters, quality_problem,
                                    token_counter)
@@ -103,7 +104,7 @@ def tokenizer_file(tmp_path_factory):
     return str(folder / "tokenizer.json")
 
 
-def test_char_token_ratio_with_the_projects_tokenizer(tokenizer_file):
+def test_char_token_ratio_with_the_projects_tokenizer(tokenizer_file, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file)
@@ -117,6 +118,19 @@ def test_char_token_ratio_with_the_projects_tokenizer(tokenizer_file):
     assert clean_reasons([real, blob], ALWAYS, 0, count) == [clean_problem(real, ALWAYS, 0, count([real])[0]),
                                                             "quality_char_token_ratio"]
     assert len(real) / count([real])[0] > 1.5 > len(blob) / count([blob])[0]
+    # A tokenizer tiktoken cannot run exactly (here: one with a normalizer, a no-op on these
+    # texts) is counted with `tokenizers`, the actors' fallback, to the same numbers.
+    spec = json.loads(open(tokenizer_file, encoding="utf-8").read())
+    spec["normalizer"] = {"type": "NFC"}
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps(spec), encoding="utf-8")
+    assert load_fast_bpe(other)[0] is None
+    assert token_counter(str(other))([real, blob]) == count([real, blob])
+    # A worker process outlives a run: a retrained tokenizer at the same path is loaded afresh.
+    spec = json.loads(open(tokenizer_file, encoding="utf-8").read())
+    spec["model"]["merges"] = spec["model"]["merges"][:20]
+    other.write_text(json.dumps(spec), encoding="utf-8")
+    assert token_counter(str(other))([real])[0] > count([real])[0]
 
 
 def _population(n: int) -> tuple[list[str], list[str]]:
