@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,12 +18,15 @@ def stdlib_files(n: int) -> list[Path]:
     return files[:n]
 
 
-def write_codeparrot_parquet(path: Path, files: list[Path], row_group_size: int = 4) -> Path:
-    """A CodeParrot-schema table (repo_name, path, copies, size, content, license)."""
+def write_codeparrot_parquet(path: Path, files: list[Path], row_group_size: int = 4,
+                             licenses: Optional[list[Optional[str]]] = None) -> Path:
+    """A CodeParrot-schema table (repo_name, path, copies, size, content, license); every row
+    `mit` unless `licenses` gives each row's (None: no value)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = {"repo_name": [f"org/repo{i % 3}" for i in range(len(files))], "path": [f"src/{f.name}" for f in files],
             "copies": ["1"] * len(files), "size": [str(f.stat().st_size) for f in files],
-            "content": [f.read_text(encoding="utf-8") for f in files], "license": ["mit"] * len(files)}
+            "content": [f.read_text(encoding="utf-8") for f in files],
+            "license": pa.array(licenses if licenses is not None else ["mit"] * len(files), pa.string())}
     pq.write_table(pa.table(rows), path, row_group_size=row_group_size)
     return path
 

@@ -60,8 +60,23 @@ class DataConfig:
     """Drop files whose content is an exact duplicate of one already seen."""
 
     quality_filter: bool = False
-    """CodeParrot's filters: auto-generated header, max line length > 1,000, mean line length
-    > 100, alphanumeric fraction < 0.25."""
+    """CodeParrot's four line/character filters: auto-generated header, max line length > 1,000,
+    mean line length > 100, alphanumeric fraction < 0.25 (the first four rules of `clean codeparrot`)."""
+
+    clean: Optional[str] = None
+    """A cleaning recipe. `codeparrot`: CodeParrot's whole preprocessing filter, in its order: the
+    four quality filters, characters per token < 1.5 (the run's tokenizer), config or test files
+    and files without def/class/for/while each dropped with probability 0.7, files with at most
+    4 '=' dropped; each rule counted by name in stats.json. None (or `none`): no recipe."""
+
+    clean_seed: int = 0
+    """Seed of the recipe's probabilistic rules; with a file's content it decides that file,
+    the same on every worker, retry and CPU count."""
+
+    licenses: list[str] = field(default_factory=list)
+    """Keep only rows whose `license` column is one of these (case-insensitive), e.g.
+    mit,apache-2.0,bsd-3-clause (CodeParrot's schema). Rows without a licence are dropped too.
+    Needs a Parquet/JSONL/hub corpus with that column. Empty keeps all."""
 
     keywords: list[str] = field(default_factory=list)
     """Keep only files that mention one of these (the course used
@@ -106,6 +121,11 @@ class DataConfig:
         ok(0.0 <= self.fim_spm_rate <= 1.0, "fim_spm_rate", "must be in [0, 1]")
         ok(self.tokenizer_train_files >= 1, "tokenizer_train_files", "must be >= 1")
         ok(all(isinstance(k, str) and k.strip() for k in self.keywords), "keywords", "must be non-empty strings")
+        from training.data.filters import CLEAN_RECIPES
+
+        ok(self.clean is None or self.clean in CLEAN_RECIPES, "clean",
+           f"must be one of none, {', '.join(CLEAN_RECIPES)}")
+        ok(all(isinstance(k, str) and k.strip() for k in self.licenses), "licenses", "must be non-empty strings")
         if self.tokenizer is not None:
             ok(Path(self.tokenizer).is_dir(), "tokenizer", "is not a folder")
 

@@ -1,6 +1,6 @@
 """The data stage: `prepare_data(cfg)` and `chunk_dataset(...)`.
 
-    corpus -> read (+ bad-input checks) -> [quality] -> [keywords] -> split -> [dedup]
+    corpus -> read (+ bad-input checks, [licences]) -> [clean recipe | quality] -> [keywords] -> split -> [dedup]
            -> tokenize + chunk (actor pool) -> Parquet shards under OUTPUT/data/{train,valid}
 
 Everything that can fail on bad input (the corpus, the valid corpus, the tokenizer
@@ -12,6 +12,7 @@ only the chunks travel through the object store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +28,8 @@ import pyarrow as pa
 from training.config import ConfigError, DataConfig, JobConfig
 from training.data import sources, split as splitting
 from training.data.chunking import TokenizeStage
-from training.data.filters import content_hash, keep_filters, keyword_stage, quality_stage, dedup_stage
+from training.data.filters import clean_stage, content_hash, keep_filters, keyword_stage, quality_stage, dedup_stage
+from training.data.licenses import check_license_counts, check_licenses, may_have_licenses
 from training.data.stats import Ledger, fingerprint, one_line, read_stats, summarize, write_stats
 from training.layout import RunLayout
 
@@ -63,6 +65,7 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     out = layout(cfg.output)
     corpus = sources.resolve_corpus(d.corpus, "data.corpus", d.max_files)
     valid = sources.resolve_corpus(d.valid_corpus, "data.valid_corpus", d.max_files) if d.valid_corpus else None
+    check_licenses(d.licenses, corpus, valid)
     if d.tokenizer is not None and not (Path(d.tokenizer) / "tokenizer.json").is_file() \
             and not (Path(d.tokenizer) / "tokenizer_config.json").is_file():
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}: no tokenizer.json or tokenizer_config.json in that folder")
@@ -90,10 +93,12 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     rows = write_splits(ds, out)
     counts = ray_get_counts(ledger)
     stats = summarize(counts, d.context_length, d.chunking)
+    check_license_counts(d.licenses, stats)
     _check_written(stats, rows)
     stats.update(fingerprint=fp, corpus=corpus.describe(), valid_corpus=valid.describe() if valid else None,
                  tokenizer=d.tokenizer or "trained", vocab_size=_vocab_size(out.tokenizer_dir),
-                 filters={"dedup": d.dedup, "quality_filter": d.quality_filter, "keywords": list(d.keywords)},
+                 filters={"dedup": d.dedup, "quality_filter": d.quality_filter, "keywords": list(d.keywords),
+                          "clean": d.clean, "clean_seed": d.clean_seed, "licenses": list(d.licenses)},
                  tokenizer_seconds=round(tok_seconds, 2), seconds=round(time.time() - t0, 2),
                  encoder=encoder_of(out.tokenizer_dir))
     if stats["chunks_valid"] == 0 and stats["chunks_train"] > 0:
@@ -117,6 +122,9 @@ def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: Da
         raise ConfigError(f"split={split!r}: must be train, valid or all")
     data_cfg.validate()
     c = sources.resolve_corpus(corpus, "data.corpus", data_cfg.max_files)
+    if data_cfg.licenses and not may_have_licenses(c):  # scoring another corpus than the run's
+        print(f"data: {c.describe()} has no licence column; reading it without data.licenses", flush=True)
+        data_cfg = dataclasses.replace(data_cfg, licenses=[])
     from training.ray_utils import init_ray
 
     init_ray()  # a no-op when Ray is already up
@@ -175,8 +183,8 @@ def tokenizer_sample(d: DataConfig, corpus: sources.Corpus) -> list[str]:
         files = sorted(corpus.files, key=lambda f: splitting.key_fraction(Path(f).relative_to(root).as_posix()))
         corpus = sources.Corpus("folder", corpus.location, corpus.field, tuple(files), corpus.root)
     texts, seen = [], set()
-    for path, text in sources.iter_texts(corpus, d.max_file_bytes):
-        if keep_filters(text, d.quality_filter, d.keywords):
+    for path, text in sources.iter_texts(corpus, d.max_file_bytes, licenses=d.licenses):
+        if keep_filters(text, d.quality_filter, d.keywords, d.clean, d.clean_seed):
             continue
         key = content_hash(text) if d.dedup else path
         if d.valid_corpus is None and splitting.split_of(key, d.valid_fraction) != splitting.TRAIN:
@@ -258,7 +266,11 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
                                                           "by_content": d.dedup, "only": only_split}, **stage)
              for c, forced in inputs]
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    if d.quality_filter:
+    if d.clean:
+        ds = ds.map_batches(clean_stage, batch_size=d.batch_rows, fn_kwargs={
+            "recipe": d.clean, "seed": d.clean_seed, "tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
+            "actors": actors, "ledger": ledger}, **stage)
+    elif d.quality_filter:
         ds = ds.map_batches(quality_stage, batch_size=d.batch_rows, fn_kwargs={"ledger": ledger}, **stage)
     if d.keywords:
         ds = ds.map_batches(keyword_stage, batch_size=d.batch_rows,
@@ -301,7 +313,8 @@ def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
     if d.max_files and c.kind != "folder":
         raw = raw.limit(d.max_files)
     return raw.map_batches(sources.table_stage, batch_size=d.batch_rows,
-                           fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)
+                           fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger, "licenses": list(d.licenses)},
+                           **stage)
 
 
 def assign_split(batch: pa.Table, valid_fraction: float, forced: Optional[str], by_content: bool,

@@ -7,7 +7,9 @@ row-group numbers are listed up front; the text itself is read inside the Ray st
 memory stays bounded by the pipeline, not by the corpus.
 
 Every source becomes rows of (`path`, `content`). `path` is the file's path relative to
-the corpus folder, or `repo_name/path` for CodeParrot rows; it is the split key.
+the corpus folder, or `repo_name/path` for CodeParrot rows; it is the split key. A table's
+`license` column is read with the rows and checked against `data.licenses` where the rows
+are checked (`rows_from_table`), so an excluded row is never decoded or tokenized.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow as pa
 
 from training.config import ConfigError
 from training.data.filters import content_hash, decode_source, text_problem
+from training.data.licenses import license_problem, normalize_licenses
 
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
 STDLIB_EXCLUDE = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -44,6 +47,9 @@ class Corpus:
     root: str = ""  # folder the relative paths are taken from
     units: tuple[tuple[str, int], ...] = field(default=(), repr=False)  # (file, row group)
     shards: int = 0  # hub: the data set's shards (files), read in parallel
+    # Columns every data file has (table: all files' schemas, a JSONL file's first row; hub:
+    # the data set's features); None: not known before reading (a hub set without features).
+    columns: Optional[frozenset[str]] = None
 
     def describe(self) -> str:
         return f"{self.kind}:{self.location}"
@@ -92,8 +98,9 @@ def resolve_corpus(spec: Optional[str], field_name: str = "data.corpus",
 
 def _hub(name: str, field_name: str) -> Corpus:
     """Resolve the hub data set now (metadata only), so a wrong name fails before Ray."""
-    corpus = Corpus("hub", name, field_name)
-    return Corpus("hub", name, field_name, shards=load_hub(corpus).num_shards)
+    ds = load_hub(Corpus("hub", name, field_name))
+    columns = None if ds.column_names is None else frozenset(ds.column_names)
+    return Corpus("hub", name, field_name, shards=ds.num_shards, columns=columns)
 
 
 def list_py_files(root: Path, exclude: set[str]) -> list[Path]:
@@ -112,13 +119,14 @@ def _folder(root: Path, files: list[Path], field_name: str, spec: Optional[str],
     files = files[:max_files] if max_files else files
     if not any(os.path.getsize(f) for f in files):
         raise ConfigError(f"{field_name}={spec!r}: all {len(files)} .py files are empty")
-    return Corpus("folder", str(root), field_name, tuple(str(f) for f in files), str(root))
+    return Corpus("folder", str(root), field_name, tuple(str(f) for f in files), str(root), columns=frozenset())
 
 
 def _table(spec: str, files: list[str], field_name: str, max_files: Optional[int]) -> Corpus:
     """Check every data file's schema and size now; list Parquet row groups as read units."""
     units: list[tuple[str, int]] = []
     total_rows = 0
+    columns: Optional[frozenset[str]] = None
     for f in files:
         if os.path.getsize(f) == 0:
             raise ConfigError(f"{field_name}={spec!r}: {f} is empty")
@@ -140,9 +148,11 @@ def _table(spec: str, files: list[str], field_name: str, max_files: Optional[int
                 raise ConfigError(f"{field_name}={spec!r}: {f}: first row is not a JSON object with a 'content' field")
             total_rows += 1
             units.append((f, -1))
+            names = list(first)
+        columns = frozenset(names) if columns is None else columns & frozenset(names)
     if total_rows == 0:
         raise ConfigError(f"{field_name}={spec!r}: no rows")
-    return Corpus("table", spec, field_name, tuple(files), "", tuple(units))
+    return Corpus("table", spec, field_name, tuple(files), "", tuple(units), columns=columns)
 
 
 def _open_text(path: str) -> io.BufferedIOBase:
@@ -213,21 +223,25 @@ def read_py_files(files: list[str], keys: list[str], max_bytes: int, counts: Cou
     return pa.table([pa.array(out_keys, pa.string()), pa.array(texts, pa.string())], schema=ROWS)
 
 
-def rows_from_table(table: pa.Table, max_bytes: int, counts: Counter) -> pa.Table:
-    """Rows with a `content` column (CodeParrot schema) -> checked (path, content) rows."""
+def rows_from_table(table: pa.Table, max_bytes: int, counts: Counter,
+                    licenses: Iterable[str] = ()) -> pa.Table:
+    """Rows with a `content` column (CodeParrot schema) -> checked (path, content) rows.
+    licenses: keep only rows whose `license` is one of them (checked before the text)."""
     cols = table.column_names
     contents = table.column("content").to_pylist()
-    repos = table.column("repo_name").to_pylist() if "repo_name" in cols else [None] * len(contents)
-    paths = table.column("path").to_pylist() if "path" in cols else [None] * len(contents)
-    errors = table.column("error").to_pylist() if "error" in cols else [None] * len(contents)
+    none = [None] * len(contents)
+    repos = table.column("repo_name").to_pylist() if "repo_name" in cols else none
+    paths = table.column("path").to_pylist() if "path" in cols else none
+    errors = table.column("error").to_pylist() if "error" in cols else none
+    allowed = normalize_licenses(licenses)
+    lics = table.column("license").to_pylist() if allowed and "license" in cols else none
     keys, texts = [], []
-    for repo, path, text, error in zip(repos, paths, contents, errors):
+    for repo, path, text, error, lic in zip(repos, paths, contents, errors, lics):
         counts["files_read"] += 1
-        if error:
-            reason = error
-        elif isinstance(text, bytes):
+        reason = error or (license_problem(lic, allowed) if allowed else None)
+        if reason is None and isinstance(text, bytes):
             text, reason = decode_source(text, max_bytes)
-        else:
+        elif reason is None:
             reason = text_problem(text, max_bytes)
         if reason:
             counts[f"skipped:{reason}"] += 1
@@ -237,18 +251,19 @@ def rows_from_table(table: pa.Table, max_bytes: int, counts: Counter) -> pa.Tabl
     return pa.table([pa.array(keys, pa.string()), pa.array(texts, pa.string())], schema=ROWS)
 
 
-def table_stage(batch: pa.Table, max_bytes: int, ledger: Any = None) -> pa.Table:
+def table_stage(batch: pa.Table, max_bytes: int, ledger: Any = None, licenses: Iterable[str] = ()) -> pa.Table:
     """Ray stage: raw rows (Parquet, JSONL, hub) -> checked (path, content) rows."""
     from training.data.stats import report
 
     counts: Counter = Counter()
-    out = rows_from_table(batch, max_bytes, counts)
+    out = rows_from_table(batch, max_bytes, counts, licenses)
     report(ledger, counts)
     return out
 
 
 RAW = pa.schema([("repo_name", pa.string()), ("path", pa.string()), ("content", pa.string()),
-                 ("error", pa.string())])
+                 ("error", pa.string()), ("license", pa.string())])
+_PASSED = ("repo_name", "path", "content", "license")  # the source's columns a raw row keeps
 
 
 def read_table_units(batch: pa.Table, batch_rows: int) -> Iterator[pa.Table]:
@@ -263,11 +278,10 @@ def iter_raw(file: str, rg: int, batch_rows: int) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(file)
-        cols = [c for c in ("repo_name", "path", "content") if c in pf.schema_arrow.names]
+        cols = [c for c in _PASSED if c in pf.schema_arrow.names]
         for rb in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=cols):
             t = pa.Table.from_batches([rb])
-            data = {k: (t.column(k).to_pylist() if k in cols else [None] * t.num_rows)
-                    for k in ("repo_name", "path", "content")}
+            data = {k: (t.column(k).to_pylist() if k in cols else [None] * t.num_rows) for k in _PASSED}
             yield _raw_table([dict(zip(data, vals)) for vals in zip(*data.values())])
         return
     with _open_text(file) as fh:
@@ -298,7 +312,7 @@ def _batched_tables(rows: Iterable[dict], batch_rows: int) -> Iterator[pa.Table]
 
 def _raw_table(rows: list[dict]) -> pa.Table:
     """Rows as plain strings; bytes content is decoded here (or marked with an error)."""
-    cols: dict[str, list] = {"repo_name": [], "path": [], "content": [], "error": []}
+    cols: dict[str, list] = {"repo_name": [], "path": [], "content": [], "error": [], "license": []}
     for r in rows:
         content, error = r.get("content"), r.get("error")
         if isinstance(content, bytes):
@@ -307,7 +321,7 @@ def _raw_table(rows: list[dict]) -> pa.Table:
             content, error = None, "bad_content"
         cols["content"].append(content)
         cols["error"].append(error)
-        for k in ("repo_name", "path"):
+        for k in ("repo_name", "path", "license"):
             v = r.get(k)
             cols[k].append(None if v is None else str(v))
     return pa.table({k: pa.array(v, pa.string()) for k, v in cols.items()}, schema=RAW)
@@ -316,9 +330,10 @@ def _raw_table(rows: list[dict]) -> pa.Table:
 # ---- tokenizer sample (driver, no Ray) ------------------------------------------------
 
 
-def iter_texts(corpus: Corpus, max_bytes: int, batch_rows: int = 256) -> Iterator[tuple[str, str]]:
-    """(path, content) of usable files in corpus order: the tokenizer's training sample
-    is drawn from the front of this stream."""
+def iter_texts(corpus: Corpus, max_bytes: int, batch_rows: int = 256,
+               licenses: Iterable[str] = ()) -> Iterator[tuple[str, str]]:
+    """(path, content) of usable files in corpus order (tables: of an allowed licence): the
+    tokenizer's training sample is drawn from the front of this stream."""
     if corpus.kind == "folder":
         root = Path(corpus.root)
         for f in corpus.files:
@@ -333,11 +348,11 @@ def iter_texts(corpus: Corpus, max_bytes: int, batch_rows: int = 256) -> Iterato
     elif corpus.kind == "table":
         for file, rg in corpus.units:
             for raw in iter_raw(file, rg, batch_rows):
-                table = rows_from_table(raw, max_bytes, Counter())
+                table = rows_from_table(raw, max_bytes, Counter(), licenses)
                 yield from zip(table.column("path").to_pylist(), table.column("content").to_pylist())
     else:
         for row in load_hub(corpus):
-            table = rows_from_table(_raw_table([row]), max_bytes, Counter())
+            table = rows_from_table(_raw_table([row]), max_bytes, Counter(), licenses)
             yield from zip(table.column("path").to_pylist(), table.column("content").to_pylist())
 
 
