@@ -147,14 +147,15 @@ class Engine:
         rows: list[Row] = []
         encoded: list[list[int]] = []
         for prompt, p, inc, stop in zip(prompts, params, incremental, cancel):
-            if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
+            if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0 and p.repetition_penalty > 0
+                    and 0 <= p.min_p <= 1 and 0 <= p.min_tokens):
                 raise ValueError(f"invalid sampling parameters {p}")
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
             if len(ids) + p.max_new_tokens > self.context_length:  # a FIM prompt is never under 3 tokens
                 p = replace(p, max_new_tokens=max(1, self.context_length - len(ids)))
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
             rows.append(Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
-                            prompt=prompt, incremental=inc, cancel=stop))
+                            prompt=prompt, incremental=inc, cancel=stop, prompt_ids=ids))
             if p.prompt_logprobs is not None:
                 rows[-1].prompt_lp = prompt_logprobs(self.model, ids, p.prompt_logprobs, self.piece)
             encoded.append(ids)
@@ -171,7 +172,7 @@ class Engine:
     def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         """Next token per row: penalties, then argmax for temperature 0, else seeded top-k /
         top-p sampling (serving/engine/sampling.py)."""
-        return sample_rows(logits, rows)
+        return sample_rows(logits, rows, self.end_ids())
 
     def end_ids(self) -> set[int]:
         """The tokens that end a completion and never appear in one: end-of-text and the FIM
