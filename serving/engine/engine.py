@@ -31,10 +31,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.engine.batch_state import BatchState
-from serving.engine.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
+from serving.engine.fim import SENTINELS, Infill, read_fim
 from serving.engine.gpt2_step import decoder_for
 from serving.engine.logprobs import prompt_logprobs
 from serving.engine.output import Row
+from serving.engine.prompts import encode_prompt
 from serving.engine.params import Completion, Delta, GenerationError, SamplingParams, TokenLogprob
 from serving.engine.sampling import row_key, sample_rows
 from serving.engine.scheduler import DecodeLoop
@@ -114,20 +115,9 @@ class Engine:
     def encode_prompt(self, prompt: "str | Sequence[int] | Infill", max_new_tokens: int) -> tuple[list[int], bool]:
         """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit.
         A prompt may be text, token ids, or an Infill (prefix + suffix: the FIM prompt)."""
-        if not 1 <= max_new_tokens <= self.context_length - 1:
-            raise ValueError(f"max_new_tokens must be in [1, {self.context_length - 1}]")
-        budget = self.context_length - max_new_tokens
-        if isinstance(prompt, Infill):
-            if self.fim is None:
-                raise NoInfill(f"model {self.model_name!r} was trained without fill-in-the-middle "
-                               "(no fim.json with fim_rate > 0): it cannot complete with a suffix")
-            return fim_prompt_ids(self._encode(prompt.prefix), self._encode(prompt.suffix), self.fim, budget)
-        ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(ids) > budget:
-            return ids[-budget:], True
-        if not ids:  # only possible for "" which the API rejects; keep the loop well-defined
-            ids = [self.eos_token_id if self.eos_token_id is not None else self.pad_token_id]
-        return ids, False
+        return encode_prompt(prompt, max_new_tokens, context_length=self.context_length, encode=self._encode,
+                             fim=self.fim, model_name=self.model_name,
+                             empty_id=self.eos_token_id if self.eos_token_id is not None else self.pad_token_id)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -19,6 +19,7 @@ def test_config_yaml_agrees_with_the_defaults():
     assert app["args"]["max_batch_size"] == DEFAULTS.max_batch_size
     assert app["args"]["batch_wait_timeout_s"] == DEFAULTS.batch_wait_s
     assert app["args"]["stream_interval_s"] == DEFAULTS.stream_interval_s
+    assert (app["args"]["engine"], app["args"]["dtype"]) == (DEFAULTS.engine, DEFAULTS.dtype)
     deployment = app["deployments"][0]
     assert deployment["ray_actor_options"]["num_cpus"] == DEFAULTS.num_cpus
     assert deployment["max_ongoing_requests"] >= DEFAULTS.max_batch_size  # or the batch never fills
@@ -34,8 +35,10 @@ def test_the_deployment_takes_its_defaults_from_the_config():
     assert init["stream_interval_s"].default == DEFAULTS.stream_interval_s
     assert Completer.max_ongoing_requests == DEFAULTS.max_batch_size
     assert Completer.ray_actor_options["num_cpus"] == DEFAULTS.num_cpus
+    assert init["dtype"].default == DEFAULTS.dtype
     assert deploy_options() == {"ray_actor_options": {"num_cpus": DEFAULTS.num_cpus},
                                 "num_replicas": DEFAULTS.num_replicas}
+    assert deploy_options(num_gpus=1)["ray_actor_options"] == {"num_cpus": DEFAULTS.num_cpus, "num_gpus": 1}
 
 
 def test_the_launchers_flags_are_the_fields_with_their_defaults():
@@ -59,6 +62,8 @@ def test_the_launchers_flags_are_the_fields_with_their_defaults():
     (["--num-replicas", "0"], "--num-replicas"), (["--max-batch-size", "0"], "--max-batch-size"),
     (["--num-cpus", "0"], "--num-cpus"), (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
     (["--stream-interval-ms", "-1"], "--stream-interval-ms"), (["--ingress", "both"], "--ingress"),
+    (["--engine", "tgi"], "--engine"), (["--dtype", "fp8"], "--dtype"), (["--num-gpus", "-1"], "--num-gpus"),
+    (["--engine", "native", "--num-gpus", "1"], "--num-gpus"),
 ])
 def test_a_bad_value_exits_2_naming_its_flag(argv, flag, capsys):
     from serving.run import parse
@@ -75,3 +80,12 @@ def test_the_ingress_modes_are_the_launchers():
     from serving.serve_config import Ingress
 
     assert get_args(Ingress) == INGRESS_MODES
+
+
+def test_the_engine_flags():
+    from serving.run import parse
+
+    cfg = parse(["--checkpoint", "c"])
+    assert (cfg.engine, cfg.dtype, cfg.num_gpus) == ("auto", "auto", None)
+    cfg = parse(["--checkpoint", "c", "--engine", "vllm", "--dtype", "bfloat16", "--num-gpus", "1"])
+    assert (cfg.engine, cfg.dtype, cfg.num_gpus) == ("vllm", "bfloat16", 1.0)
