@@ -30,7 +30,7 @@ from ray import serve
 from app.api import build_app
 from app.auth import api_key_from_env
 from serving.deployment.allocator import keep_freed_memory
-from serving.deployment.engine_choice import choose_engine, cluster_gpus, replica_gpus, vllm_installed
+from serving.deployment.engine_choice import choose_engine, cluster_gpus, model_params, replica_gpus, vllm_installed
 from serving.engine.engine import check_checkpoint
 from serving.engine.engines import open_engine
 from serving.engine.params import Delta, SamplingParams
@@ -58,13 +58,13 @@ class Completer:
     def __init__(self, checkpoint: str, model_name: Optional[str] = None, num_threads: Optional[int] = None,
                  max_batch_size: int = DEFAULTS.max_batch_size, batch_wait_timeout_s: float = DEFAULTS.batch_wait_s,
                  stream_interval_s: float = DEFAULTS.stream_interval_s, engine: str = "native",
-                 dtype: str = DEFAULTS.dtype):
+                 dtype: str = DEFAULTS.dtype, vllm_eager: bool = False):
         threads = num_threads or _replica_cpus()
         self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/deployment/allocator.py)
         # native or vllm (chosen where the app was built: serving/deployment/engine_choice.py),
         # on the GPU this replica was given, if any; plugins (CODECOMPLETE_ENGINE_PLUGINS) go into the native one.
         self.serving = open_engine(engine, checkpoint, model_name=model_name, num_threads=threads,
-                                   max_batch_size=max_batch_size, dtype=dtype,
+                                   max_batch_size=max_batch_size, dtype=dtype, enforce_eager=vllm_eager,
                                    device="cuda" if _replica_gpus() > 0 else "cpu")
         self.engine = getattr(self.serving, "engine", self.serving)
         self.model_name = self.serving.model_name
@@ -167,7 +167,8 @@ def build(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import path `serving.deployment:build`).
 
     args: checkpoint (required), model_name, num_threads, max_batch_size, batch_wait_timeout_s,
-    stream_interval_s, engine (auto, native, vllm), dtype, num_gpus (per replica).
+    stream_interval_s, engine (auto, native, vllm), dtype, num_gpus (per replica), vllm_eager
+    (the vLLM engine without torch.compile: starts in seconds instead of minutes on a small CPU).
     The checkpoint is checked here, so a bad path fails the deploy with a message naming it.
     A GPU the config's ray_actor_options does not ask for is added here for the vLLM engine
     on a cluster with GPUs (serving/deployment/engine_choice.py).
@@ -176,13 +177,14 @@ def build(args: dict[str, Any]) -> serve.Application:
     if "checkpoint" not in args:
         raise ValueError("args.checkpoint is required: the training run's OUTPUT/model/ folder")
     known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s", "stream_interval_s",
-             "engine", "dtype", "num_gpus"}
+             "engine", "dtype", "num_gpus", "vllm_eager"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown args {unknown}; known: {sorted(known)}")
     args["checkpoint"] = str(check_checkpoint(Path(args["checkpoint"]).expanduser().resolve()))
     gpus = cluster_gpus()
-    args["engine"] = choose_engine(str(args.get("engine", DEFAULTS.engine)), gpus, vllm_installed())
+    args["engine"] = choose_engine(str(args.get("engine", DEFAULTS.engine)), gpus, vllm_installed(),
+                                   model_params(args["checkpoint"]))
     num_gpus = replica_gpus(args["engine"], args.pop("num_gpus", DEFAULTS.num_gpus), gpus)
     if num_gpus:
         return Completer.options(ray_actor_options={"num_cpus": DEFAULTS.num_cpus, "num_gpus": num_gpus}).bind(**args)

