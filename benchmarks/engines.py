@@ -72,7 +72,7 @@ def start(server: str, checkpoint: Path, dtype: str, port: int, name: str, cpus:
     env = {**os.environ, **cpu_environment(cpus)}
     if server == "vllm-serve":
         ctx = json.loads((checkpoint / "config.json").read_text())["n_positions"]
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint), "--port", str(port),
+        cmd = [sys.executable, str(REPO / "benchmarks" / "vllm_cli.py"), "serve", str(checkpoint), "--port", str(port),
                "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", str(ctx), "--enable-prefix-caching",
                "--served-model-name", name, "--max-num-seqs", "64"]
     else:
