@@ -130,7 +130,7 @@ def model_limits_in_schema(app: FastAPI, backend: Backend) -> dict:
             for name, more in extra.items():
                 own["properties"][name].update(more)
             # Token ids exist below the vocabulary size; a suffix needs a FIM-trained model.
-            for name in ("prompt", "tokens"):
+            for name in ("prompt", "tokens", "stop_token_ids"):
                 _cap_integers(own["properties"].get(name), backend.vocab_size - 1)
             if "suffix" in own["properties"] and not backend.can_infill:
                 own["properties"]["suffix"] = {"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}],

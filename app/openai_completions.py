@@ -61,6 +61,10 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
             raise APIError(400, "suffix: cannot be combined with echo", "suffix")
         check_suffix(backend, req.suffix)
     check_new_tokens(max(1, max_tokens), backend.context_length, "max_tokens")
+    bad_stops = [t for t in req.stop_token_ids or () if not t < backend.vocab_size]
+    if bad_stops:
+        raise APIError(400, f"stop_token_ids: token id {bad_stops[0]} is outside the vocabulary "
+                            f"[0, {backend.vocab_size})", "stop_token_ids")
     jobs: list[Job] = []
     for i, prompt in enumerate(req.prompts()):
         text: Optional[str] = None
@@ -86,7 +90,11 @@ def plan(req: CompletionRequest, backend: Any) -> list[Job]:
                 # best_of ranks by cumulative logprob: ask for it even if the client did not
                 logprobs=req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None),
                 prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None,
-                presence_penalty=_or(req.presence_penalty, 0.0), frequency_penalty=_or(req.frequency_penalty, 0.0))
+                presence_penalty=_or(req.presence_penalty, 0.0), frequency_penalty=_or(req.frequency_penalty, 0.0),
+                repetition_penalty=_or(req.repetition_penalty, 1.0), min_p=_or(req.min_p, 0.0),
+                min_tokens=min(req.min_tokens, max(1, max_tokens)), stop_token_ids=tuple(req.stop_token_ids or ()),
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens)
             jobs.append(Job(i, what, params, echo=text if echo else None, score_only=max_tokens == 0))
     return jobs
 

@@ -31,6 +31,8 @@ MAX_BODY_BYTES = 8_000_000
 MAX_N = 8
 MAX_LOGPROBS = 5  # OpenAI's limit for the legacy API
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_REPETITION_PENALTY = 10.0  # vLLM asks only > 0; past a few it garbles every token seen
+MAX_STOP_TOKEN_IDS = 64
 
 FinishReason = Literal["length", "stop", "eos"]
 
@@ -155,6 +157,19 @@ class CompletionRequest(_Strict):
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     user: Optional[Name] = None
+    # vLLM's extra sampling parameters (what `vllm bench serve` and pass-through clients send),
+    # with vLLM's meaning; every engine honours them (docs/api.md).
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)  # above max_tokens it is max_tokens (vLLM answers 400; no JSON schema can say that)
+    stop_token_ids: Optional[list[TokenId]] = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # Accepted at their neutral values only (a client relying on more gets a 422 naming them).
+    use_beam_search: Optional[Annotated[Literal[False], BeforeValidator(_only_bool)]] = None
+    length_penalty: Optional[float] = Field(None, ge=1.0, le=1.0)
+    add_special_tokens: bool = True  # accepted; this tokenizer adds none
+    spaces_between_special_tokens: bool = True  # accepted; special tokens never reach the text between words
     # Neutral-only.
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)
 

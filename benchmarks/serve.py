@@ -360,4 +360,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if "--engines" in sys.argv:  # plain vLLM vs this service on either engine: benchmarks/engines.py
+        sys.argv.remove("--engines")
+        from benchmarks.engines import main as engines_main
+
+        sys.exit(engines_main())
     sys.exit(main())

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
+    from serving.deployment.engine_choice import choose_engine, cluster_gpus, model_params, replica_gpus, vllm_installed
     from serving.deployment.replica import Completer, deploy_options, key_env
     from training.ray_utils import init_ray
 
@@ -73,17 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --ingress direct: this cluster's workers do not have RAY_SERVE_THROUGHPUT_OPTIMIZED=1; "
               "start it with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start ...` on every node", file=sys.stderr)
         return 2
+    try:
+        engine = choose_engine(cfg.engine, cluster_gpus(), vllm_installed(), model_params(str(checkpoint)))
+    except ValueError as e:
+        print(f"error: --engine: {e}", file=sys.stderr)
+        return 2
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     opts = deploy_options(num_cpus=cfg.num_cpus, num_replicas=cfg.num_replicas, env_vars=key_env(),
+                          num_gpus=replica_gpus(engine, cfg.num_gpus, cluster_gpus()),
                           max_batch_size=cfg.max_batch_size, max_queued=cfg.max_queued)
     app = Completer.options(**opts).bind(
         checkpoint=str(checkpoint), model_name=cfg.model_name, num_threads=cfg.torch_threads,
         max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_s,
-        stream_interval_s=cfg.stream_interval_s, max_queued=cfg.max_queued, retry_after_s=cfg.retry_after_s)
+        stream_interval_s=cfg.stream_interval_s, engine=engine, dtype=cfg.dtype,
+        max_queued=cfg.max_queued, retry_after_s=cfg.retry_after_s)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     auth = "on (Authorization: Bearer $COMPLETE_API_KEY)" if key_env() else "off"
-    print(f"serving {checkpoint} at http://{host}:{cfg.port}  (POST /complete, /v1/completions; "
+    print(f"serving {checkpoint} at http://{host}:{cfg.port} on the {engine} engine  (POST /complete, /v1/completions; "
           f"auth {auth}; Ctrl-C to stop)", flush=True)
     if cfg.ingress == "direct":
         print("replicas: " + " ".join(replica_urls(APP_NAME, bind_host=cfg.host)), flush=True)

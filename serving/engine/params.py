@@ -31,8 +31,16 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated
     frequency_penalty: float = 0.0  # subtracted once per time it has been generated
     # Decode to max_new_tokens even past end-of-text (vLLM's benchmark parameter): the end
-    # tokens sampled meanwhile count in usage but never appear in the text.
+    # tokens sampled meanwhile count in usage (and appear in the text only with
+    # skip_special_tokens False, as in vLLM).
     ignore_eos: bool = False
+    # vLLM's extra sampling parameters, with vLLM's meaning (docs/api.md):
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the completion
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (after temperature)
+    min_tokens: int = 0  # no end (end-of-text, stop_token_ids, stop strings) before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # sampling one of these ends the completion ("stop")
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text) in the text
+    skip_special_tokens: bool = True  # False: end tokens decoded past (ignore_eos) appear in the text
 
 
 @dataclass(frozen=True)

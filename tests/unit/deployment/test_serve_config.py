@@ -21,6 +21,7 @@ def test_config_yaml_agrees_with_the_defaults():
     assert app["args"]["stream_interval_s"] == DEFAULTS.stream_interval_s
     assert app["args"]["max_queued"] == DEFAULTS.max_queued
     assert app["args"]["retry_after_s"] == DEFAULTS.retry_after_s
+    assert (app["args"]["engine"], app["args"]["dtype"]) == (DEFAULTS.engine, DEFAULTS.dtype)
     deployment = app["deployments"][0]
     assert deployment["ray_actor_options"]["num_cpus"] == DEFAULTS.num_cpus
     # Serve's limits around the replica's gate, as serve_queue_limits derives them
@@ -58,8 +59,10 @@ def test_the_deployment_takes_its_defaults_from_the_config():
     assert Completer.max_ongoing_requests == limits["max_ongoing_requests"]
     assert Completer.max_queued_requests == limits["max_queued_requests"]
     assert Completer.ray_actor_options["num_cpus"] == DEFAULTS.num_cpus
+    assert init["dtype"].default == DEFAULTS.dtype
     assert deploy_options() == {"ray_actor_options": {"num_cpus": DEFAULTS.num_cpus},
                                 "num_replicas": DEFAULTS.num_replicas, **limits}
+    assert deploy_options(num_gpus=1)["ray_actor_options"] == {"num_cpus": DEFAULTS.num_cpus, "num_gpus": 1}
 
 
 def test_the_launchers_flags_are_the_fields_with_their_defaults():
@@ -84,6 +87,8 @@ def test_the_launchers_flags_are_the_fields_with_their_defaults():
     (["--num-cpus", "0"], "--num-cpus"), (["--batch-wait-ms", "-1"], "--batch-wait-ms"),
     (["--stream-interval-ms", "-1"], "--stream-interval-ms"), (["--ingress", "both"], "--ingress"),
     (["--max-queued", "-2"], "--max-queued"), (["--retry-after-s", "0"], "--retry-after-s"),
+    (["--engine", "tgi"], "--engine"), (["--dtype", "fp8"], "--dtype"), (["--num-gpus", "-1"], "--num-gpus"),
+    (["--engine", "native", "--num-gpus", "1"], "--num-gpus"),
 ])
 def test_a_bad_value_exits_2_naming_its_flag(argv, flag, capsys):
     from serving.run import parse
@@ -100,3 +105,12 @@ def test_the_ingress_modes_are_the_launchers():
     from serving.serve_config import Ingress
 
     assert get_args(Ingress) == INGRESS_MODES
+
+
+def test_the_engine_flags():
+    from serving.run import parse
+
+    cfg = parse(["--checkpoint", "c"])
+    assert (cfg.engine, cfg.dtype, cfg.num_gpus) == ("auto", "auto", None)
+    cfg = parse(["--checkpoint", "c", "--engine", "vllm", "--dtype", "bfloat16", "--num-gpus", "1"])
+    assert (cfg.engine, cfg.dtype, cfg.num_gpus) == ("vllm", "bfloat16", 1.0)
