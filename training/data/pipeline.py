@@ -444,20 +444,40 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @contextlib.contextmanager
 def lost_worker_guard() -> Iterator[None]:
-    """A lost node (or the counting actor) ends the stage with one line that names it,
-    before anything is moved into train/ or stats.json is written. A lost worker process
-    whose tasks Ray Data re-runs does not get here (its batches are keyed and re-run)."""
-    import ray.exceptions as rex
-
-    lost = tuple(getattr(rex, n) for n in ("RayActorError", "NodeDiedError", "ObjectLostError",
-                                           "WorkerCrashedError", "OwnerDiedError") if hasattr(rex, n))
+    """An error that is, or was caused by, a lost node, worker, actor (the counting ledger)
+    or object ends the stage with one line that names it, before anything is moved into
+    train/ or stats.json is written. A lost worker process whose tasks Ray Data re-runs
+    does not get here: its batches are keyed and re-run (docs/data.md, "A lost worker")."""
     try:
         yield
-    except lost as e:
-        text = " ".join(str(e).split())
-        node = re.search(r"(node[ _]?id[:= ]+\w+|ip[:= ]+[\d.]+|node \w{8,})", text, re.I)
-        raise LostWorkerError(f"data: the stage lost a Ray worker ({type(e).__name__}"
-                              f"{', ' + node.group(0) if node else ''}): no data was written; rerun the stage") from e
+    except Exception as e:
+        lost = lost_cause(e)
+        if lost is None:
+            raise
+        text = " ".join(str(lost).split())
+        node = re.search(r"(node[ _]?id[:= ]+[0-9a-f]+|ip(?: address)?[:= ]+[\d.]+)", text, re.I)
+        raise LostWorkerError(f"data: the stage lost a Ray worker ({type(lost).__name__}"
+                              f"{', ' + node.group(0) if node else ''}): no data was written; "
+                              "rerun the stage") from e
+
+
+def lost_cause(e: BaseException) -> Optional[BaseException]:
+    """The lost-node/worker/actor/object error in e's chain of causes, if any."""
+    import ray.exceptions as rex
+
+    kinds = tuple(getattr(rex, n) for n in ("RayActorError", "NodeDiedError", "ObjectLostError",
+                                            "WorkerCrashedError", "OwnerDiedError") if hasattr(rex, n))
+    seen: set[int] = set()
+    todo: list[Optional[BaseException]] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, kinds):
+            return x
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    return None
 
 
 class LostWorkerError(RuntimeError):

@@ -138,3 +138,21 @@ def test_chunk_digest_is_additive_and_order_free():
     b = a.copy()
     b[3, 5] += 1
     assert chunk_digest(chunks_to_table(b, "train")) != whole
+
+
+def test_a_lost_actor_anywhere_in_the_cause_chain_ends_the_stage_with_one_line():
+    import ray.exceptions as rex
+
+    from training.data.pipeline import LostWorkerError, lost_worker_guard
+
+    with pytest.raises(LostWorkerError) as err:
+        with lost_worker_guard():
+            try:
+                raise rex.ActorDiedError()
+            except rex.ActorDiedError as inner:
+                raise RuntimeError("a Ray Data task failed") from inner
+    assert str(err.value).startswith("data: the stage lost a Ray worker (ActorDiedError")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError):  # anything else passes through unchanged
+        with lost_worker_guard():
+            raise ValueError("bad input")
