@@ -8,9 +8,12 @@ whitespace-only variant, near copies above Jaccard 0.85, two copies just under i
 - prepared by `training/run.py --prepare-only` against a real head whose tokenizer actor
   (a Ray worker process) is killed with SIGKILL while the stream writes shards: the run
   must end with the same stats.json counts and the same chunks as the undisturbed run.
-  Before batch-keyed reports and shard names (the parent of the commit that added this
-  test), the same kill left a run that counted the re-run batches twice (files_read,
-  files_train and tokens_produced higher than the files on disk) with a warning.
+  Shown to fail without the fix: the same kill (exact dedup, same corpus and flags) on the
+  parent of the commit that added this test, where dedup was one actor's set of claimed
+  hashes and reports added up, ended with exit 0 and files_read 50 instead of 48,
+  `duplicate` 5 instead of 3 (the re-run batch's files were duplicates of their own first
+  claim) and 2,434 train chunks instead of 2,505: a silently smaller data set, with only a
+  warning in stats.json.
 """
 
 from __future__ import annotations
