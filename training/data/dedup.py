@@ -43,6 +43,7 @@ EXACT, BAND = "x", "b"
 # a bigger one (a file copied with small edits many times) gives a chain and a star from
 # its first member, which keeps it connected at linear cost.
 ALL_PAIRS_MAX = 32
+MAP_TASKS_PER_BUCKET = 4
 
 PLAN = pa.schema([("split", pa.string()), ("path", pa.string()), ("content_hash", pa.string()),
                   ("sig", pa.binary())])
@@ -196,8 +197,12 @@ def plan(rows_ds: Any, near_threshold: Optional[float], buckets: int) -> Plan:
     blocks = rows_ds.map_batches(plan_rows, batch_format="pyarrow", fn_kwargs={"near": near}).materialize()
     refs = blocks.to_arrow_refs()
     buckets = max(2, buckets)
-    # The shuffle: every block split by bucket, then one task per bucket over its parts.
-    parts = [_partition.options(num_returns=buckets).remote(ref, buckets, bands, rows) for ref in refs]
+    # The shuffle: groups of blocks split by bucket (a few map tasks per bucket, so the
+    # objects in flight are O(buckets^2), not blocks x buckets), then one task per bucket
+    # over its parts.
+    per = max(1, -(-len(refs) // (MAP_TASKS_PER_BUCKET * buckets)))
+    parts = [_partition.options(num_returns=buckets).remote(buckets, bands, rows, *refs[i:i + per])
+             for i in range(0, len(refs), per)]
     resolved = [_resolve.remote(*[p[b] for p in parts]) for b in range(buckets)]
     exact_rows, pairs = [], set()
     for table in ray.get(resolved):
@@ -229,8 +234,9 @@ def _remote(fn: Any) -> Any:
     return ray.remote(num_cpus=1)(fn)
 
 
-def _partition_block(block: pa.Table, buckets: int, bands: int, rows: int) -> list[pa.Table]:
-    keyed = keyed_rows(block, buckets, bands, rows)
+def _partition_block(buckets: int, bands: int, rows: int, *blocks: pa.Table) -> list[pa.Table]:
+    keyed = keyed_rows(pa.concat_tables([b for b in blocks if b.num_rows]) if any(b.num_rows for b in blocks)
+                       else PLAN.empty_table(), buckets, bands, rows)
     bucket = keyed.column("bucket").to_numpy()
     return [keyed.filter(pa.array(bucket == b)) for b in range(buckets)]
 
