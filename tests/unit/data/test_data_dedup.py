@@ -156,3 +156,13 @@ def test_a_lost_actor_anywhere_in_the_cause_chain_ends_the_stage_with_one_line()
     with pytest.raises(ValueError):  # anything else passes through unchanged
         with lost_worker_guard():
             raise ValueError("bad input")
+
+
+@pytest.mark.parametrize("value,dedup,why", [(0.0, True, "must be in"), (1.0, True, "must be in"),
+                                             (1.5, True, "must be in"), (0.85, False, "needs data.dedup")])
+def test_near_dedup_is_checked_before_any_cluster_work(value, dedup, why):
+    from training.config import ConfigError, DataConfig
+
+    with pytest.raises(ConfigError, match=rf"data.near_dedup={value!r}: {why}"):
+        DataConfig(dedup=dedup, near_dedup=value).validate()
+    DataConfig(dedup=True, near_dedup=0.85).validate()
