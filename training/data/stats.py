@@ -56,18 +56,23 @@ class Ledger:
 
 def batch_key(stage: str, batch: pa.Table) -> str:
     """A digest of what a batch is: its rows' paths (the content where a row has none)
-    and the content lengths, so the same block re-run gives the same key."""
+    and the content lengths, so the same block re-run gives the same key. The text is
+    only read for rows without a path (lengths come from Arrow, not from Python strings)."""
+    import pyarrow.compute as pc
+
     h = hashlib.blake2b(stage.encode(), digest_size=12)
-    cols = batch.column_names
-    paths = batch.column("path").to_pylist() if "path" in cols else [None] * batch.num_rows
-    files = batch.column("file").to_pylist() if "file" in cols else [None] * batch.num_rows
-    contents = batch.column("content").to_pylist() if "content" in cols else [None] * batch.num_rows
-    h.update(str(batch.num_rows).encode())
-    for path, file, content in zip(paths, files, contents):
+    cols, n = batch.column_names, batch.num_rows
+    paths = batch.column("path").to_pylist() if "path" in cols else [None] * n
+    files = batch.column("file").to_pylist() if "file" in cols else [None] * n
+    content = batch.column("content") if "content" in cols else None
+    lengths = pc.binary_length(content).to_pylist() if content is not None else [None] * n
+    h.update(str(n).encode())
+    for i, (path, file, length) in enumerate(zip(paths, files, lengths)):
         ident = path or file
-        h.update(b"\0" + (ident.encode("utf-8", "surrogatepass") if ident else
-                          (content or "").encode("utf-8", "surrogatepass")))
-        h.update(b"\1" + str(len(content) if content is not None else -1).encode())
+        if not ident:
+            ident = (content[i].as_py() if content is not None else None) or ""
+        h.update(b"\0" + ident.encode("utf-8", "surrogatepass"))
+        h.update(b"\1" + str(-1 if length is None else length).encode())
     return h.hexdigest()
 
 
