@@ -1,6 +1,6 @@
-"""Benchmark: kept tokens/s of the Ray data stage vs the course recipe's `datasets.map`, same run.
+"""Benchmark: the data stage (dedup off / exact / exact + near) vs the course recipe's `datasets.map`.
 
-    python benchmarks/data_stage.py [--corpus PATH] [--chunking truncate|pack] [--actors N]
+    python benchmarks/data_stage.py [--corpus PATH | --scale 10] [--modes off,exact,near] [--chunking truncate|pack]
 
 Both sides start from the same corpus files on disk, use the same tokenizer (trained
 once, outside the timings) and keep only full 128-token chunks:
@@ -8,13 +8,21 @@ once, outside the timings) and keep only full 128-token chunks:
 - the course recipe (`seed_*` in the JSON): read the files, `datasets.Dataset.from_dict`,
   then the course's `tokenizer(..., truncation=True, max_length=128, return_overflowing_tokens=True,
   return_length=True)` in `Dataset.map(batched=True, num_proc=cores)` keeping length==128.
-- ours: `init_ray()` (Ray start-up is timed), then the data stage's streaming pipeline
-  (read, split, tokenize in the actor pool) writing train/valid Parquet shards.
+- ours, once per mode: `init_ray()` (Ray start-up is timed), then `prepare_data`'s stream:
+  with dedup, the plan pass (training/data/dedup.py), then read, split, drop, tokenize in
+  the actor pool, writing train/valid Parquet shards. `near` is exact + near dedup at 0.85.
 - floor: Ray start-up plus an identity actor-pool stage over the same number of blocks:
-  what any Ray Data stage costs here before doing work. The course recipe's time / floor
-  bounds the ratio any Ray pipeline could reach on this corpus and machine.
+  what any Ray Data stage costs here before doing work.
 
-Prints one JSON line. In truncate mode the chunk counts of the two must agree exactly.
+`--scale N` builds a corpus N times the standard library's bytes from the .py files of the
+installed packages (site-packages, sorted walk, symlinked into a temporary folder).
+
+Peak memory is the largest sum of RSS over this process and all its descendants (the
+local Ray cluster: GCS, raylet, workers, object store; or datasets' worker processes),
+sampled every 0.2 s. RSS counts shared pages (the object store) once per process that maps
+them, so it overstates; it is what `top` would add up.
+
+Prints one JSON line. In truncate mode with dedup off, the chunk counts of the two must agree.
 """
 
 from __future__ import annotations
@@ -25,11 +33,70 @@ import math
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+MODES = ("off", "exact", "near")
+NEAR_THRESHOLD = 0.85
+
+
+class PeakRSS:
+    """Samples the RSS of this process and all its descendants; `peak` is the largest sum."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.me, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def scaled_corpus(scale: int, work: Path) -> tuple[Path, int]:
+    """A folder of symlinks to installed packages' .py files, `scale` x the stdlib's bytes."""
+    from training.data.sources import STDLIB_EXCLUDE, list_py_files, stdlib_root
+
+    target = scale * sum(f.stat().st_size for f in list_py_files(stdlib_root(), STDLIB_EXCLUDE))
+    root, total = work / f"corpus_x{scale}", 0
+    for f in list_py_files(Path(sysconfig.get_paths()["purelib"]), {"__pycache__"}):
+        if total >= target:
+            break
+        size = f.stat().st_size
+        if size == 0:
+            continue
+        link = root / f.relative_to(sysconfig.get_paths()["purelib"])
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f)
+        total += size
+    return root, total
 
 
 def seed_way(texts: list[str], tokenizer_dir: Path, context_length: int, num_proc: int) -> tuple[int, float]:
@@ -64,28 +131,32 @@ def read_texts(corpus, max_bytes: int) -> tuple[list[str], float]:
     return texts, time.perf_counter() - t0
 
 
-def our_way(corpus, tokenizer_dir: Path, data_cfg, workdir: Path) -> dict:
+def our_way(corpus_path: str, tokenizer_dir: Path, data: dict, mode: str, workdir: Path) -> dict:
     import ray
 
-    from training.data.pipeline import build_chunks, layout, staging_dir, write_splits
-    from training.data.stats import Ledger, summarize
+    from training.config import JobConfig
+    from training.data.pipeline import prepare_data
     from training.ray_utils import init_ray
 
-    t0 = time.perf_counter()
-    init_ray()
-    t_ray = time.perf_counter() - t0
-    ledger = Ledger.remote()
-    out = layout(workdir)
-    ds = build_chunks([(corpus, None)], tokenizer_dir, data_cfg, ledger=ledger, write_dir=staging_dir(out))
-    write_splits(ds, out)
-    seconds = time.perf_counter() - t0
-    stats = summarize(ray.get(ledger.get.remote()), data_cfg.context_length, data_cfg.chunking)
-    ray.shutdown()
-    from training.data.fast_bpe import load_fast_bpe
-
-    encoder = "tiktoken" if load_fast_bpe(tokenizer_dir / "tokenizer.json")[0] is not None else "tokenizers"
-    return {"seconds": seconds, "ray_start_s": t_ray, "encoder": encoder,
-            "chunks": stats["chunks_train"] + stats["chunks_valid"], "chunk_yield": stats["chunk_yield"]}
+    cfg = JobConfig(output=str(workdir))
+    for k, v in {**data, "corpus": corpus_path, "tokenizer": str(tokenizer_dir),
+                 "dedup": mode != "off", "near_dedup": NEAR_THRESHOLD if mode == "near" else None}.items():
+        setattr(cfg.data, k, v)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        init_ray()
+        t_ray = time.perf_counter() - t0
+        stats = prepare_data(cfg).stats
+        seconds = time.perf_counter() - t0
+        ray.shutdown()
+    plan = stats.get("dedup", {})
+    return {"seconds": round(seconds, 2), "ray_start_s": round(t_ray, 2),
+            "plan_seconds": plan.get("plan_seconds", 0.0), "peak_rss_mb": round(mem.peak / 2**20),
+            "chunks": stats["chunks_train"] + stats["chunks_valid"], "encoder": stats["encoder"],
+            "files_read": stats["files_read"], "duplicates": stats["files_skipped"].get("duplicate", 0),
+            "near_duplicates": stats["files_skipped"].get("near_duplicate", 0),
+            "kept_tokens_per_s": round((stats["chunks_train"] + stats["chunks_valid"]) * stats["context_length"]
+                                       / seconds)}
 
 
 class _Identity:
@@ -94,9 +165,7 @@ class _Identity:
 
 
 def ray_floor(blocks: int) -> dict:
-    """What any Ray Data stage of this shape costs here before it does any work: Ray
-    start-up, then an identity actor-pool map_batches over `blocks` tiny blocks. Our time
-    minus this is the part the data stage itself controls."""
+    """Ray start-up, then an identity actor-pool map_batches over `blocks` tiny blocks."""
     import ray
 
     from training.ray_utils import init_ray
@@ -115,30 +184,43 @@ def ray_floor(blocks: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=None, help="corpus (default: the interpreter's standard library)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="instead of --corpus: N x the stdlib's bytes from the installed packages' .py files")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: off, exact, near (exact + near)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one, untimed)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--chunking", default="truncate", choices=["truncate", "pack"])
     p.add_argument("--actors", type=int, default=1, help="tokenizer actors (data.tokenizer_actors)")
     p.add_argument("--batch-rows", type=int, default=64)
     p.add_argument("--num-proc", type=int, default=None, help="the course recipe's num_proc (default: cores)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run each side this many times and report the median pair (shared machines are noisy)")
+    p.add_argument("--no-floor", action="store_true", help="skip the empty-stage floor run")
     args = p.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        print(f"error: --modes: each of {', '.join(MODES)}", file=sys.stderr)
+        return 2
 
     from training.config import ConfigError, DataConfig
     from training.data.chunking import usable_cores
     from training.data.sources import resolve_corpus
 
     cores = usable_cores()
-    data_cfg = DataConfig(corpus=args.corpus, valid_fraction=0.0, vocab_size=args.vocab_size,
-                          chunking=args.chunking, tokenizer_actors=args.actors, batch_rows=args.batch_rows)
+    work = Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
-        corpus = resolve_corpus(args.corpus)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    work = Path(tempfile.mkdtemp(prefix="bench_tokenize_"))
-    try:
+        corpus_path, corpus_bytes = args.corpus, None
+        if args.scale:
+            root, corpus_bytes = scaled_corpus(args.scale, work)
+            corpus_path = str(root)
+        data = dict(valid_fraction=0.0, vocab_size=args.vocab_size, chunking=args.chunking,
+                    tokenizer_actors=args.actors, batch_rows=args.batch_rows)
+        data_cfg = DataConfig(corpus=corpus_path, **data)
+        try:
+            corpus = resolve_corpus(corpus_path)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if corpus_bytes is None and corpus.kind == "folder":
+            corpus_bytes = sum(os.path.getsize(f) for f in corpus.files)
         tok_dir = Path(args.tokenizer) if args.tokenizer else work / "tokenizer"
         if not args.tokenizer:
             from training.data.pipeline import prepare_tokenizer
@@ -146,43 +228,42 @@ def main() -> int:
             data_cfg.tokenizer_train_files = 400
             prepare_tokenizer(data_cfg, corpus, tok_dir)
 
-        # All of the course recipe's runs first: datasets.map forks, and forking a process that has run Ray
+        # The course recipe first: datasets.map forks, and forking a process that has run Ray
         # (gRPC threads) is unsafe.
-        seeds = []
-        for _ in range(max(1, args.repeat)):
+        with PeakRSS() as seed_mem:
             texts, read_s = read_texts(corpus, data_cfg.max_file_bytes)
             seed_chunks, seed_s = seed_way(texts, tok_dir, data_cfg.context_length, args.num_proc or cores)
-            seeds.append(seed_s + read_s)
-        runs = []
-        for i, seed_s in enumerate(seeds):
-            ours = our_way(corpus, tok_dir, data_cfg, work / f"out{i}")
-            runs.append((ours["chunks"] / ours["seconds"] / (seed_chunks / seed_s), seed_s, ours))
-        ratio, seed_s, ours = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
-        floor = ray_floor(max(1, math.ceil(len(texts) / args.batch_rows)))
+        seed_s += read_s
+        ours = {m: our_way(corpus_path, tok_dir, data, m, work / f"out_{m}") for m in modes}
+        floor = None if args.no_floor else ray_floor(max(1, math.ceil(len(texts) / args.batch_rows)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     ctx = data_cfg.context_length
-    ours_tps = ours["chunks"] * ctx / ours["seconds"]
     seed_tps = seed_chunks * ctx / seed_s
+    mb = (corpus_bytes or 0) / 1e6
     result = {
-        "benchmark": "tokenize", "corpus": corpus.describe() if args.corpus else "stdlib", "files": len(texts),
+        "benchmark": "data_stage", "corpus": f"site-packages x{args.scale} of stdlib" if args.scale
+        else (corpus.describe() if args.corpus else "stdlib"), "files": len(texts), "corpus_mb": round(mb, 1),
         "cores": cores, "chunking": args.chunking, "context_length": ctx, "actors": args.actors,
-        "ours_kept_tokens_per_s": round(ours_tps), "seed_kept_tokens_per_s": round(seed_tps),
-        "ratio": round(ours_tps / seed_tps, 3), "ratios_all_runs": [round(r[0], 3) for r in runs],
-        "ours_seconds": round(ours["seconds"], 2), "ours_ray_start_seconds": round(ours["ray_start_s"], 2),
-        "ours_kept_tokens_per_s_after_start": round(ours["chunks"] * ctx / (ours["seconds"] - ours["ray_start_s"])),
-        "seed_seconds": round(seed_s, 2), "ours_chunks": ours["chunks"], "seed_chunks": seed_chunks,
-        "chunks_agree": ours["chunks"] == seed_chunks,
-        # An empty Ray Data stage of the same shape, Ray start included, same run: the
-        # fixed cost no data stage on Ray can go under on this machine.
-        "ray_floor_seconds": round(floor["seconds"], 2), "ray_floor_start_seconds": round(floor["ray_start_s"], 2),
-        "best_ratio_possible": round(seed_s / floor["seconds"], 3),
-        "ours_seconds_above_floor": round(ours["seconds"] - floor["seconds"], 2),
-        "encoder": ours["encoder"], "load_avg_1m": round(os.getloadavg()[0], 2),
+        "seed_seconds": round(seed_s, 2), "seed_kept_tokens_per_s": round(seed_tps), "seed_chunks": seed_chunks,
+        "seed_peak_rss_mb": round(seed_mem.peak / 2**20), "modes": ours,
+        "ratio": {m: round(r["kept_tokens_per_s"] / seed_tps, 3) for m, r in ours.items()},
+        # Dedup keeps fewer chunks: the same corpus in less time is the fair speed ratio there.
+        "time_ratio": {m: round(seed_s / r["seconds"], 3) for m, r in ours.items()},
+        "seconds_per_mb": {m: round(r["seconds"] / mb, 4) for m, r in ours.items()} if mb else None,
+        "encoder": next(iter(ours.values()))["encoder"], "load_avg_1m": round(os.getloadavg()[0], 2),
     }
+    if "off" in ours and "near" in ours:
+        # The share of the stage's time that dedup (plan pass + drop stage) adds.
+        result["dedup_share_of_time"] = round(1 - ours["off"]["seconds"] / ours["near"]["seconds"], 3)
+        if "exact" in ours:
+            result["near_share_of_time"] = round(1 - ours["exact"]["seconds"] / ours["near"]["seconds"], 3)
+    if floor is not None:
+        result.update(ray_floor_seconds=round(floor["seconds"], 2),
+                      best_ratio_possible=round(seed_s / floor["seconds"], 3))
     print(json.dumps(result))
-    if args.chunking == "truncate" and not result["chunks_agree"]:
+    if args.chunking == "truncate" and "off" in ours and ours["off"]["chunks"] != seed_chunks:
         print("error: truncate-mode chunk counts differ from the course recipe's", file=sys.stderr)
         return 1
     return 0

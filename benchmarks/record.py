@@ -78,6 +78,10 @@ def headline(r: dict) -> str:
     name = r.get("benchmark")
     if name == "tokenize":  # benchmarks/data_stage.py
         keys = ["ratio", "ours_kept_tokens_per_s_after_start", "best_ratio_possible", "chunks_agree", "files"]
+    elif name == "data_stage":  # benchmarks/data_stage.py since dedup
+        keys = ["corpus", "corpus_mb", "files"] + [f"ratio.{m}" for m in ("off", "exact", "near")] + [
+            f"modes.{m}.{k}" for m in ("off", "exact", "near") for k in ("seconds", "peak_rss_mb")] + [
+            "seed_seconds", "seed_peak_rss_mb", "near_share_of_time", "dedup_share_of_time"]
     elif name == "train":
         keys = ["precision", "steps", "repeats"] + [
             f"{v}.{k}" for v in ("eager", "compile") if v in r

@@ -4,6 +4,8 @@
       tokenizer/            the tokenizer the data stage trained (or was given)
       data/train/, valid/   128-token chunks as Parquet (the data stage)
       data/stats.json       what the data stage read, skipped, dropped and kept
+      data/duplicates.jsonl, near_duplicates.jsonl
+                            the files dedup dropped and the twin each one was dropped for
       data/_staging/        shards being written (moved to train/ and valid/ at the end)
       run_state.json        the Ray Train run name, storage and config (written before training)
       metrics.jsonl         one JSON event per log/eval step (rank 0)
@@ -25,6 +27,8 @@ TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 TRAIN_SPLIT, VALID_SPLIT = "train", "valid"
 STATS_FILE = "stats.json"
+DUPLICATES_FILE = "duplicates.jsonl"
+NEAR_DUPLICATES_FILE = "near_duplicates.jsonl"
 STAGING_DIR = "_staging"
 RUN_STATE_FILE = "run_state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -65,6 +69,14 @@ class RunLayout:
     @property
     def stats(self) -> Path:
         return self.data / STATS_FILE
+
+    @property
+    def duplicates(self) -> Path:
+        return self.data / DUPLICATES_FILE
+
+    @property
+    def near_duplicates(self) -> Path:
+        return self.data / NEAR_DUPLICATES_FILE
 
     @property
     def staging(self) -> Path:

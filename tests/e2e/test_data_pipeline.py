@@ -163,7 +163,7 @@ def test_only_shards_in_the_manifest_are_kept(prepared, corpus, tmp_path):
     stray.parent.mkdir(parents=True)
     shutil.copy(next(prepared.train_dir.glob("*.parquet")), stray)
     ds = build_chunks([(resolve_corpus(str(corpus)), None)], prepared.tokenizer_dir, d, write_dir=staging_dir(out))
-    rows = write_splits(ds, out)
+    rows, _ = write_splits(ds, out)
     assert not stray.exists() and not (out.train_dir / "stray.parquet").exists()
     assert rows == {"train": prepared.stats["chunks_train"], "valid": prepared.stats["chunks_valid"]}
     assert read_chunks(out.train_dir) == read_chunks(prepared.train_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -45,3 +46,68 @@ def held_out_chunks(checkpoint, n: int = 12, length: int = 128):
         if len(ids) >= n * length:
             break
     return np.array(ids[: n * length], dtype=np.int32).reshape(n, length)
+
+
+@dataclass
+class Planted:
+    """A corpus folder with planted duplicates and what dedup must make of it."""
+    root: Path
+    exact: list[list[str]]  # groups of paths whose text is the same (up to whitespace)
+    near: list[list[str]]  # groups of near copies (token-set Jaccard > 0.85 to the first)
+    below: list[str]  # near copies under the threshold: must all be kept
+    jaccard: dict[str, float]  # planted file -> true Jaccard to the file it was made from
+
+
+def _jaccard(a: str, b: str) -> float:
+    from training.data.minhash import tokens
+
+    ta, tb = tokens(a), tokens(b)
+    return len(ta & tb) / len(ta | tb)
+
+
+def write_planted_corpus(root: Path, plain: int = 40) -> Planted:
+    """`plain` distinct stdlib files under base/, and planted copies of some of them in other
+    folders (so that they fall into other blocks): exact copies, a whitespace-only variant,
+    near copies (a renamed variable, an added comment, three changed lines) and two copies
+    just under Jaccard 0.85 (a trimmed file, a file with extra names appended)."""
+    import re
+
+    from training.data.minhash import tokens
+
+    files = stdlib_files(plain)
+    texts = {f"base/{f.name}": f.read_text(encoding="utf-8") for f in files}
+    bases = [k for k, t in texts.items() if len(tokens(t)) >= 220][:7]
+    assert len(bases) == 7, "too few big stdlib files for the planted corpus"
+    t = [texts[k] for k in bases]
+    out: dict[str, str] = dict(texts)
+    out["a_copy/first.py"] = t[0]
+    out["zz/deep/copy.py"] = t[0]
+    out["ws/variant.py"] = t[1].replace("    ", "\t").replace("\n", "  \r\n")
+    names = sorted((n for n in set(re.findall(r"\b[a-z_][a-z_0-9]{3,}\b", t[2]))
+                    if len(re.findall(rf"\b{n}\b", t[2])) >= 3 and n not in ("self", "return", "import")),
+                   key=lambda n: (-len(n), n))
+    out["near/renamed.py"] = re.sub(rf"\b{names[0]}\b", "renamed_thing", t[2])
+    out["near/commented.py"] = "# An added comment about this module's cache layer\n" + t[3]
+    lines = t[4].splitlines(keepends=True)
+    for i, at in enumerate((len(lines) // 4, len(lines) // 2, 3 * len(lines) // 4)):
+        lines[at] = f"changed_value_{i} = helper_call_{i}(argument_{i})\n"
+    out["near/changed_lines.py"] = "".join(lines)
+    # Under the threshold: the longest prefix whose Jaccard to the whole is <= 0.78.
+    lines = t[5].splitlines(keepends=True)
+    k = max(n for n in range(1, len(lines)) if _jaccard("".join(lines[:n]), t[5]) <= 0.78)
+    out["below/trimmed.py"] = "".join(lines[:k])
+    n = len(tokens(t[6]))
+    extra = int(n * (1 / 0.77 - 1)) + 1
+    out["below/appended.py"] = t[6] + "".join(f"extra_name_{i}()\n" for i in range(extra))
+    for path, text in out.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text, encoding="utf-8", newline="")
+    made = {"near/renamed.py": t[2], "near/commented.py": t[3], "near/changed_lines.py": t[4],
+            "below/trimmed.py": t[5], "below/appended.py": t[6]}
+    jac = {p: _jaccard(out[p], src) for p, src in made.items()}
+    assert all(jac[p] > 0.88 for p in made if p.startswith("near/")), jac
+    assert all(0.65 < jac[p] <= 0.78 for p in made if p.startswith("below/")), jac
+    return Planted(root, exact=[[bases[0], "a_copy/first.py", "zz/deep/copy.py"], [bases[1], "ws/variant.py"]],
+                   near=[[bases[2], "near/renamed.py"], [bases[3], "near/commented.py"],
+                         [bases[4], "near/changed_lines.py"]],
+                   below=["below/trimmed.py", "below/appended.py"], jaccard=jac)

@@ -57,7 +57,15 @@ class DataConfig:
     `pack`: files joined with the end-of-text token and cut into full chunks (little dropped)."""
 
     dedup: bool = False
-    """Drop files whose content is an exact duplicate of one already seen."""
+    """Drop exact copies: files whose text is the same once all whitespace is removed. The
+    copy kept is the same on every run (the smallest path; training copies before
+    validation ones); the dropped ones are listed in OUTPUT/data/duplicates.jsonl."""
+
+    near_dedup: Optional[float] = None
+    """Also drop near copies, CodeParrot's way: files whose MinHash-estimated Jaccard
+    similarity (token sets, 256 permutations, LSH) is at least this (CodeParrot: 0.85); one
+    file of each cluster is kept. Needs `dedup`. Listed in OUTPUT/data/near_duplicates.jsonl
+    with the twin kept and the estimate. None: off."""
 
     quality_filter: bool = False
     """CodeParrot's four line/character filters: auto-generated header, max line length > 1,000,
@@ -120,6 +128,9 @@ class DataConfig:
         ok(0.0 <= self.fim_rate <= 1.0, "fim_rate", "must be in [0, 1]")
         ok(0.0 <= self.fim_spm_rate <= 1.0, "fim_spm_rate", "must be in [0, 1]")
         ok(self.tokenizer_train_files >= 1, "tokenizer_train_files", "must be >= 1")
+        ok(self.near_dedup is None or (isinstance(self.near_dedup, (int, float))
+                                       and 0.0 < self.near_dedup < 1.0), "near_dedup", "must be in (0, 1)")
+        ok(self.near_dedup is None or self.dedup, "near_dedup", "needs data.dedup (exact copies go first)")
         ok(all(isinstance(k, str) and k.strip() for k in self.keywords), "keywords", "must be non-empty strings")
         from training.data.filters import CLEAN_RECIPES
 

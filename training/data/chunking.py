@@ -51,7 +51,49 @@ def _chunk(arrays: Sequence[np.ndarray], ctx: int, mode: str, eos_id: int,
     raise ValueError(f"data.chunking={mode!r}: must be one of {', '.join(MODES)}")
 
 
-MANIFEST = pa.schema([("split", pa.string()), ("file", pa.string()), ("rows", pa.int64())])
+MANIFEST = pa.schema([("split", pa.string()), ("file", pa.string()), ("rows", pa.int64()),
+                      ("digest", pa.uint64())])
+
+# Fixed odd multipliers of the chunk digest (one per token position; grown on demand).
+_DIGEST_RNG_SEED = 0x5EED
+_MASK64 = (1 << 64) - 1
+
+
+def _multipliers(n: int) -> np.ndarray:
+    rng = np.random.default_rng(_DIGEST_RNG_SEED)
+    return rng.integers(0, 1 << 63, size=(2, n), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def _splitmix(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def chunk_digest(table: pa.Table) -> int:
+    """An order-free digest of a table of chunks: the sum (mod 2^64) of a 64-bit hash of
+    each (input_ids, labels) row. Digests of shards add up to the digest of their union,
+    so the data set's fingerprint does not depend on how rows fell into shards or in
+    which order they were written."""
+    n = table.num_rows
+    if n == 0:
+        return 0
+
+    def rows(col: pa.ChunkedArray) -> np.ndarray:
+        flat = col.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return flat.astype(np.int64).astype(np.uint64).reshape(n, -1)
+
+    ids, labels = rows(table.column("input_ids")), rows(table.column("labels"))
+    mult = _multipliers(ids.shape[1])
+    h = (ids * mult[0]).sum(axis=1, dtype=np.uint64)
+    h ^= _splitmix((labels * mult[1]).sum(axis=1, dtype=np.uint64))
+    return int(_splitmix(h).sum(dtype=np.uint64))
+
+
+def add_digests(digests: Sequence[int]) -> int:
+    return sum(digests) & _MASK64
 
 
 def chunks_to_table(chunks: np.ndarray, split: str, labels: Optional[np.ndarray] = None) -> pa.Table:
@@ -97,8 +139,7 @@ class TokenizeStage:
         # write_dir set: the actor writes its chunks as Parquet shards itself and returns
         # only a manifest row per shard. A separate Ray Data write stage would start its
         # own worker processes, which cost more than the tokenizing on 2 cores.
-        self.write_dir, self.written = write_dir, 0
-        self.name = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.write_dir = write_dir
         # fim: {"rate", "spm_rate", "seed"}; applied to the training split only, so the
         # validation loss stays the left-to-right loss whatever the FIM rate.
         self.fim = fim if fim and fim.get("rate", 0) > 0 else None
@@ -111,8 +152,9 @@ class TokenizeStage:
                                                        self.encode if self.fast is None else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from training.data.stats import report
+        from training.data.stats import batch_key, report
 
+        key = batch_key("tokenize", batch)
         texts = batch.column("content").to_pylist()
         splits = batch.column("split").to_pylist()
         by_split: dict[str, list[np.ndarray]] = {}
@@ -130,9 +172,9 @@ class TokenizeStage:
             counts[f"chunks:{split}"] += len(chunks)
             if len(chunks):
                 tables.append(self.to_table(chunks, split))
-        report(self.ledger, counts)
+        report(self.ledger, counts, key=key)
         if self.write_dir is not None:
-            return self._write(tables)
+            return self._write(tables, key)
         if not tables:
             tables = [chunks_to_table(np.empty((0, self.ctx), dtype=np.int32), "train")]
         table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -147,23 +189,29 @@ class TokenizeStage:
                                     self.fim["rate"], self.fim["spm_rate"])
         return chunks_to_table(inputs, split, labels)
 
-    def _write(self, tables: list[pa.Table]) -> pa.Table:
-        """Each split's chunks -> WRITE_DIR/<split>/<actor>-<n>.parquet; returns the manifest.
-        A retried batch writes under a new name; the driver keeps only shards that appear
-        in the manifest of a finished task (pipeline.write_splits)."""
+    def _write(self, tables: list[pa.Table], key: str) -> pa.Table:
+        """Each split's chunks -> WRITE_DIR/<split>/<batch key>.parquet; returns the manifest.
+
+        The name is the batch's key, so a batch re-run after a lost worker writes the same
+        file again instead of a second one, and the file appears whole or not at all
+        (written under a temporary name, then renamed). The driver keeps only shards that
+        appear in the final manifest (pipeline.write_splits)."""
         import pyarrow.parquet as pq
 
-        manifest: dict[str, list] = {"split": [], "file": [], "rows": []}
+        manifest: dict[str, list] = {"split": [], "file": [], "rows": [], "digest": []}
         for table in tables:
             split = table.column("split")[0].as_py()
             folder = os.path.join(self.write_dir, split)
             os.makedirs(folder, exist_ok=True)
-            self.written += 1
-            path = os.path.join(folder, f"{self.name}-{self.written:05d}.parquet")
-            pq.write_table(table.drop_columns(["split"]), path)
+            path = os.path.join(folder, f"{key}.parquet")
+            chunks = table.drop_columns(["split"])
+            tmp = f"{path}.{os.getpid()}.tmp"
+            pq.write_table(chunks, tmp)
+            os.replace(tmp, path)
             manifest["split"].append(split)
             manifest["file"].append(path)
             manifest["rows"].append(table.num_rows)
+            manifest["digest"].append(chunk_digest(chunks))
         return pa.table(manifest, schema=MANIFEST)
 
     def encode(self, texts: list[str]) -> list[list[int]]:

@@ -309,13 +309,3 @@ def clean_stage(batch: pa.Table, recipe: str = "codeparrot", seed: int = 0, toke
 def keyword_stage(batch: pa.Table, keywords: Sequence[str] = (), ledger: Any = None) -> pa.Table:
     texts = batch.column("content").to_pylist()
     return _drop(batch, [None if has_keyword(t, keywords) else "keywords" for t in texts], ledger)
-
-
-def dedup_stage(batch: pa.Table, ledger: Any = None) -> pa.Table:
-    """Keep the first copy of each content hash seen anywhere in the stream. The ledger
-    actor holds the set of seen hashes, so the check is global across actors and blocks."""
-    import ray
-
-    hashes = batch.column("content_hash").to_pylist()
-    firsts = ray.get(ledger.claim.remote(hashes))
-    return _drop(batch, [None if first else "duplicate" for first in firsts], ledger)

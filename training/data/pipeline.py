@@ -1,7 +1,12 @@
 """The data stage: `prepare_data(cfg)` and `chunk_dataset(...)`.
 
-    corpus -> read (+ bad-input checks, [licences]) -> [clean recipe | quality] -> [keywords] -> split -> [dedup]
-           -> tokenize + chunk (actor pool) -> Parquet shards under OUTPUT/data/{train,valid}
+    corpus -> read (+ bad-input checks, [licences]) -> split -> [clean recipe | quality] -> [keywords]
+           -> [dedup: drop what the plan decided] -> tokenize + chunk (actor pool)
+           -> Parquet shards under OUTPUT/data/{train,valid}
+
+With dedup on, a first pass over the same read and filter stages plans which files go
+(training/data/dedup.py: exact copies and, with near_dedup, MinHash near copies, both
+hash-partitioned over the cluster) before the stream above runs.
 
 Everything that can fail on bad input (the corpus, the valid corpus, the tokenizer
 folder) is checked on the driver before Ray starts. The per-file stages are plain
@@ -16,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,11 +30,13 @@ from typing import Any, Optional
 import pyarrow as pa
 
 from training.config import ConfigError, DataConfig, JobConfig
-from training.data import sources, split as splitting
+from training.data import dedup, sources, split as splitting
 from training.data.chunking import TokenizeStage
-from training.data.filters import clean_stage, content_hash, keep_filters, keyword_stage, quality_stage, dedup_stage
+from training.data.filters import clean_stage, content_hash, keep_filters, keyword_stage, quality_stage
 from training.data.licenses import check_license_counts, check_licenses, may_have_licenses
-from training.data.stats import Ledger, fingerprint, one_line, read_stats, summarize, write_stats
+from training.data.stats import Ledger, fingerprint, keyed, one_line, read_stats, summarize, write_stats
+from training.data.writing import (LostWorkerError, check_plan, check_written, lost_worker_guard, write_jsonl,
+                                   write_splits)
 from training.layout import RunLayout
 
 # Config fields that change the chunks. tokenizer_actors and batch_rows only change speed
@@ -65,10 +71,10 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
     out = layout(cfg.output)
     corpus = sources.resolve_corpus(d.corpus, "data.corpus", d.max_files)
     valid = sources.resolve_corpus(d.valid_corpus, "data.valid_corpus", d.max_files) if d.valid_corpus else None
-    check_licenses(d.licenses, corpus, valid)
     if d.tokenizer is not None and not (Path(d.tokenizer) / "tokenizer.json").is_file() \
             and not (Path(d.tokenizer) / "tokenizer_config.json").is_file():
         raise ConfigError(f"data.tokenizer={d.tokenizer!r}: no tokenizer.json or tokenizer_config.json in that folder")
+    check_licenses(d.licenses, corpus, valid)
     fp = data_fingerprint(d, corpus, valid)
 
     old = read_stats(out.stats_path)
@@ -79,26 +85,37 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
         return out
 
     t0 = time.time()
-    for stale in (out.train_dir, out.valid_dir, staging_dir(out), out.stats_path):
+    run = RunLayout(out.root)
+    for stale in (out.train_dir, out.valid_dir, staging_dir(out), out.stats_path, run.duplicates, run.near_duplicates):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tok_seconds = prepare_tokenizer(d, corpus, out.tokenizer_dir)
 
     from training.ray_utils import init_ray
 
     init_ray()
+    inputs = [(corpus, None if valid is None else splitting.TRAIN)] + ([(valid, splitting.VALID)] if valid else [])
     ledger = Ledger.remote()
-    ds = build_chunks([(corpus, None if valid is None else splitting.TRAIN)]
-                      + ([(valid, splitting.VALID)] if valid is not None else []),
-                      out.tokenizer_dir, d, ledger=ledger, write_dir=staging_dir(out), fim=True)
-    rows = write_splits(ds, out)
-    counts = ray_get_counts(ledger)
+    with lost_worker_guard():
+        plan = plan_dedup(inputs, d, out.tokenizer_dir)
+        ds = build_chunks(inputs, out.tokenizer_dir, d, ledger=ledger, write_dir=staging_dir(out), fim=True,
+                          drops=None if plan is None else ray_put(plan.drops))
+        rows, digests = write_splits(ds, out)
+        counts = ray_get_counts(ledger)
     stats = summarize(counts, d.context_length, d.chunking)
     check_license_counts(d.licenses, stats)
-    _check_written(stats, rows)
+    check_written(stats, rows)
+    stats.update(chunks_fingerprint={k: f"{v:016x}" for k, v in digests.items()})
+    if plan is not None:
+        stats["dedup"] = plan.stats
+        check_plan(stats, plan)
+        write_jsonl(RunLayout(out.root).duplicates, plan.exact_rows)
+        if d.near_dedup is not None:
+            write_jsonl(RunLayout(out.root).near_duplicates, plan.near_rows)
     stats.update(fingerprint=fp, corpus=corpus.describe(), valid_corpus=valid.describe() if valid else None,
                  tokenizer=d.tokenizer or "trained", vocab_size=_vocab_size(out.tokenizer_dir),
-                 filters={"dedup": d.dedup, "quality_filter": d.quality_filter, "keywords": list(d.keywords),
-                          "clean": d.clean, "clean_seed": d.clean_seed, "licenses": list(d.licenses)},
+                 filters={"dedup": d.dedup, "near_dedup": d.near_dedup, "quality_filter": d.quality_filter,
+                          "keywords": list(d.keywords), "clean": d.clean, "clean_seed": d.clean_seed,
+                          "licenses": list(d.licenses)},
                  tokenizer_seconds=round(tok_seconds, 2), seconds=round(time.time() - t0, 2),
                  encoder=encoder_of(out.tokenizer_dir))
     if stats["chunks_valid"] == 0 and stats["chunks_train"] > 0:
@@ -128,9 +145,10 @@ def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: Da
     from training.ray_utils import init_ray
 
     init_ray()  # a no-op when Ray is already up
-    ledger = Ledger.remote() if data_cfg.dedup else None
-    return build_chunks([(c, None)], Path(tokenizer_dir), data_cfg, ledger=ledger, keep_split=False,
-                        only_split=None if split == "all" else split)
+    plan = plan_dedup([(c, None)], data_cfg, Path(tokenizer_dir))  # runs pass 1 now: the stream is lazy, the plan is not
+    return build_chunks([(c, None)], Path(tokenizer_dir), data_cfg, keep_split=False,
+                        only_split=None if split == "all" else split,
+                        drops=None if plan is None else ray_put(plan.drops))
 
 
 def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sources.Corpus]) -> str:
@@ -250,33 +268,24 @@ def cpu_plan(actors: int) -> float:
 
 def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_dir: Path, d: DataConfig,
                  ledger: Any = None, keep_split: bool = True, only_split: Optional[str] = None,
-                 write_dir: Optional[Path] = None, fim: bool = False) -> Any:
+                 write_dir: Optional[Path] = None, fim: bool = False, drops: Any = None) -> Any:
     """The lazy Dataset of chunks. inputs: (corpus, forced split or None for the hash split).
     fim: rewrite training-split chunks for fill-in-the-middle (data.fim_rate); evaluation
-    streams (chunk_dataset) stay left to right.
+    streams (chunk_dataset) stay left to right. drops: the dedup plan's `Drops` (an
+    ObjectRef), required when d.dedup is on.
     With write_dir, the tokenizer actors write the chunks there as Parquet shards and the
     Dataset holds only their manifest (see write_splits)."""
     import ray
 
+    if d.dedup and drops is None:
+        raise ValueError("data.dedup is on: build_chunks needs the plan's drops (plan_dedup)")
     actors = d.tokenizer_actors
     actor_cpus = cpu_plan(actors)
     stage = {"batch_format": "pyarrow", "num_cpus": actor_cpus}  # same args => fused into the actors
-    parts = [_rows(c, d, ledger, stage).map_batches(
-        assign_split, batch_size=d.batch_rows, fn_kwargs={"valid_fraction": d.valid_fraction, "forced": forced,
-                                                          "by_content": d.dedup, "only": only_split}, **stage)
-             for c, forced in inputs]
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    if d.clean:
-        ds = ds.map_batches(clean_stage, batch_size=d.batch_rows, fn_kwargs={
-            "recipe": d.clean, "seed": d.clean_seed, "tokenizer_file": str(tokenizer_dir / "tokenizer.json"),
-            "actors": actors, "ledger": ledger}, **stage)
-    elif d.quality_filter:
-        ds = ds.map_batches(quality_stage, batch_size=d.batch_rows, fn_kwargs={"ledger": ledger}, **stage)
-    if d.keywords:
-        ds = ds.map_batches(keyword_stage, batch_size=d.batch_rows,
-                            fn_kwargs={"keywords": list(d.keywords), "ledger": ledger}, **stage)
+    ds = file_rows(inputs, d, ledger, only_split, stage, tokenizer_dir)
     if d.dedup:
-        ds = ds.map_batches(dedup_stage, batch_size=d.batch_rows, fn_kwargs={"ledger": ledger}, **stage)
+        ds = ds.map_batches(keyed(dedup.drop_stage, "dedup"), batch_size=d.batch_rows,
+                            fn_kwargs={"drops": drops, "ledger": ledger}, **stage)
     return ds.map_batches(
         TokenizeStage, batch_size=d.batch_rows, batch_format="pyarrow", num_cpus=actor_cpus,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -289,22 +298,70 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
                                if fim else None})
 
 
+def file_rows(inputs: list[tuple[sources.Corpus, Optional[str]]], d: DataConfig, ledger: Any,
+              only_split: Optional[str], stage: dict, tokenizer_dir: Path) -> Any:
+    """The checked, split and filtered (path, content, split[, content_hash]) rows of all
+    inputs: what both the dedup plan and the stream read. Every stage files its counts
+    under its batch's key (stats.keyed), so a re-run batch is not counted twice."""
+    parts = [_rows(c, d, ledger, stage).map_batches(
+        assign_split, batch_size=d.batch_rows, fn_kwargs={"valid_fraction": d.valid_fraction, "forced": forced,
+                                                          "by_content": d.dedup, "only": only_split}, **stage)
+             for c, forced in inputs]
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    if d.clean:  # its char/token rule uses the run's tokenizer, on the tokenizer actors' threads
+        ds = ds.map_batches(keyed(clean_stage, "clean"), batch_size=d.batch_rows, fn_kwargs={
+            "recipe": d.clean, "seed": d.clean_seed, "tokenizer_file": str(Path(tokenizer_dir) / "tokenizer.json"),
+            "actors": d.tokenizer_actors, "ledger": ledger}, **stage)
+    elif d.quality_filter:
+        ds = ds.map_batches(keyed(quality_stage, "quality"), batch_size=d.batch_rows,
+                            fn_kwargs={"ledger": ledger}, **stage)
+    if d.keywords:
+        ds = ds.map_batches(keyed(keyword_stage, "keywords"), batch_size=d.batch_rows,
+                            fn_kwargs={"keywords": list(d.keywords), "ledger": ledger}, **stage)
+    return ds
+
+
+def plan_dedup(inputs: list[tuple[sources.Corpus, Optional[str]]], d: DataConfig,
+               tokenizer_dir: Path) -> Optional[dedup.Plan]:
+    """Pass 1 when dedup is on (nothing counted: the stream counts), else None."""
+    if not d.dedup:
+        return None
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    rows = file_rows(inputs, d, None, None, {"batch_format": "pyarrow"}, tokenizer_dir)
+    plan = dedup.plan(rows, d.near_dedup, buckets=max(2, int(cpus)))
+    s = plan.stats
+    print(f"data: dedup plan: {s['exact_dropped']} exact copies"
+          + (f", {s['near_dropped']} near copies in {s['near_clusters']} clusters"
+             f" (Jaccard >= {d.near_dedup})" if d.near_dedup is not None else "")
+          + f" of {s['files_planned']} files, {s['plan_seconds']:.1f}s", flush=True)
+    return plan
+
+
+def ray_put(obj: Any) -> Any:
+    import ray
+
+    return ray.put(obj)
+
+
 def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
     """A corpus as a Dataset of checked (path, content) rows."""
     import ray
 
+    stage = {**stage, "batch_size": d.batch_rows}
     if c.kind == "folder":
         root = Path(c.root)
         items = [{"file": f, "path": Path(f).relative_to(root).as_posix()} for f in c.files]
         # One block per batch: small files would otherwise become one read task each.
         blocks = max(1, min(len(items), math.ceil(len(items) / d.batch_rows)))
         return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            sources.read_py_batch, batch_size=d.batch_rows,
+            keyed(sources.read_py_batch, "read"),
             fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)
     if c.kind == "table":
         items = [{"file": f, "row_group": rg} for f, rg in c.units]
         raw = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            sources.read_table_units, batch_size=1, fn_kwargs={"batch_rows": d.batch_rows},
+            read_table_units, batch_size=1, fn_kwargs={"batch_rows": d.batch_rows, "positions": d.dedup},
             batch_format="pyarrow")
     else:
         raw = ray.data.from_items([{"shard": i} for i in range(c.shards)], override_num_blocks=c.shards).map_batches(
@@ -312,9 +369,25 @@ def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
             fn_kwargs={"location": c.location, "field_name": c.field, "batch_rows": d.batch_rows})
     if d.max_files and c.kind != "folder":
         raw = raw.limit(d.max_files)
-    return raw.map_batches(sources.table_stage, batch_size=d.batch_rows,
+    return raw.map_batches(keyed(sources.table_stage, "table"),
                            fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger, "licenses": list(d.licenses)},
                            **stage)
+
+
+def read_table_units(batch: pa.Table, batch_rows: int, positions: bool) -> Any:
+    """sources.read_table_units, but with `positions` a row with neither repo_name nor
+    path gets its place (file#row_group:row) as its path: the identity dedup keeps or drops
+    (dedup.py), which the content alone cannot give two identical rows."""
+    if not positions:
+        yield from sources.read_table_units(batch, batch_rows)
+        return
+    for file, rg in zip(batch.column("file").to_pylist(), batch.column("row_group").to_pylist()):
+        offset = 0
+        for raw in sources.iter_raw(file, rg, batch_rows):
+            repos, paths = raw.column("repo_name").to_pylist(), raw.column("path").to_pylist()
+            filled = [p if (p or r) else f"{file}#{rg}:{offset + i}" for i, (r, p) in enumerate(zip(repos, paths))]
+            offset += raw.num_rows
+            yield raw.set_column(raw.schema.get_field_index("path"), "path", pa.array(filled, pa.string()))
 
 
 def assign_split(batch: pa.Table, valid_fraction: float, forced: Optional[str], by_content: bool,
@@ -339,45 +412,11 @@ def staging_dir(out: PreparedData) -> Path:
     return RunLayout(out.root).staging
 
 
-def write_splits(ds: Any, out: PreparedData) -> dict[str, int]:
-    """Run the stream (its tokenizer actors write shards under the staging folder and
-    return a manifest), keep exactly the shards the manifest names, move them to train/
-    and valid/. Returns the chunk rows per split. A shard not in the manifest was left by
-    a failed and retried task: it is deleted, so nothing is counted twice."""
-    staging = staging_dir(out)
-    listed: set[str] = set()
-    rows = {splitting.TRAIN: 0, splitting.VALID: 0}
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for split, file, n in zip(*(batch.column(c).to_pylist() for c in ("split", "file", "rows"))):
-            listed.add(os.path.abspath(file))
-            rows[split] += n
-    for name, dest in ((splitting.TRAIN, out.train_dir), (splitting.VALID, out.valid_dir)):
-        dest.mkdir(parents=True, exist_ok=True)  # an empty split is an empty folder
-        src = staging / name
-        for f in sorted(src.glob("*.parquet")) if src.is_dir() else []:
-            if os.path.abspath(f) in listed:
-                os.replace(f, dest / f.name)
-            else:
-                print(f"data: removing {f.name}, a shard left by a retried task", flush=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    return rows
-
-
 def ray_get_counts(ledger: Any) -> dict[str, int]:
     import ray
 
     return ray.get(ledger.get.remote())
 
 
-def _check_written(stats: dict, rows: dict[str, int]) -> None:
-    """Chunk counts come from the manifest of the shards kept (the truth the trainer
-    reads). The ledger should agree; if a retried task was counted twice it will not,
-    and stats say so."""
-    for split, n in rows.items():
-        if n != stats[f"chunks_{split}"]:
-            stats.setdefault("warnings", []).append(
-                f"ledger counted {stats[f'chunks_{split}']} {split} chunks, shards hold {n} "
-                "(a retried task is counted twice; file counts may be high too)")
-            print(f"data: warning: {stats['warnings'][-1]}", flush=True)
-            stats[f"chunks_{split}"] = n
-            stats[f"tokens_{split}"] = n * stats["context_length"]
+__all__ = ["LostWorkerError", "build_chunks", "chunk_dataset", "layout", "prepare_data", "staging_dir",
+           "write_splits"]

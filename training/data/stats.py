@@ -1,50 +1,116 @@
 """Counting what the stream did, and the stats.json that records it.
 
 Ray Data stages run in many processes, so their counts go to one small actor (the
-ledger, 0 CPUs) that also holds the dedup set: one extra process instead of two. Keys
-are flat strings: `files_read`, `skipped:<reason>`, `files:<split>`, `tokens:<split>`
-(all tokens the tokenizer produced, eos separators included in pack mode),
-`chunks:<split>`.
+ledger, 0 CPUs). Keys are flat strings: `files_read`, `skipped:<reason>`,
+`files:<split>`, `tokens:<split>` (all tokens the tokenizer produced, eos separators
+included in pack mode), `chunks:<split>`.
+
+Reports are idempotent: each is filed under the key of the batch it counts (the stage's
+name and a digest of the batch's rows, `batch_key`), and a second report under the same
+key replaces the first. Ray Data re-runs the tasks of a lost worker on the same blocks,
+so a retried batch files the same counts under the same key instead of adding them
+twice. Stages get their key from the scope `keyed()` opens around them, so a stage
+function only calls `report(ledger, counts)`. The ledger holds counts only; it is not on
+the data path (dedup is planned before the stream: training/data/dedup.py).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
+import pyarrow as pa
 import ray
+
+# [batch key, reports made in this scope so far]; None outside a keyed stage.
+_SCOPE: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("stats_batch_scope", default=None)
 
 
 @ray.remote(num_cpus=0)
 class Ledger:
     def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self.seen: set[str] = set()
+        self.by_key: dict[str, dict[str, int]] = {}
+        self.loose: Counter = Counter()  # reports made outside any keyed stage
 
-    def add(self, counts: Mapping[str, int]) -> None:
-        self.counts.update(counts)
-
-    def claim(self, hashes: list[str]) -> list[bool]:
-        """True for each hash not seen before (then it is seen). First claim wins."""
-        out = []
-        for h in hashes:
-            out.append(h not in self.seen)
-            self.seen.add(h)
-        return out
+    def add(self, key: Optional[str], counts: Mapping[str, int]) -> None:
+        if key is None:
+            self.loose.update(counts)
+        else:
+            self.by_key[key] = dict(counts)  # a retried batch replaces, never adds
 
     def get(self) -> dict[str, int]:
-        return dict(self.counts)
+        total = Counter(self.loose)
+        for counts in self.by_key.values():
+            total.update(counts)
+        return dict(total)
+
+    def reports(self) -> int:
+        return len(self.by_key)
 
 
-def report(ledger: Any, counts: Mapping[str, int]) -> None:
-    """Send counts and wait: a fire-and-forget call could still be in flight when the
-    driver reads the totals."""
-    if ledger is not None and counts:
-        ray.get(ledger.add.remote(dict(counts)))
+def batch_key(stage: str, batch: pa.Table) -> str:
+    """A digest of what a batch is: its rows' paths (the content where a row has none)
+    and the content lengths, so the same block re-run gives the same key. The text is
+    only read for rows without a path (lengths come from Arrow, not from Python strings)."""
+    import pyarrow.compute as pc
+
+    h = hashlib.blake2b(stage.encode(), digest_size=12)
+    cols, n = batch.column_names, batch.num_rows
+    paths = batch.column("path").to_pylist() if "path" in cols else [None] * n
+    files = batch.column("file").to_pylist() if "file" in cols else [None] * n
+    content = batch.column("content") if "content" in cols else None
+    lengths = pc.binary_length(content).to_pylist() if content is not None else [None] * n
+    h.update(str(n).encode())
+    for i, (path, file, length) in enumerate(zip(paths, files, lengths)):
+        ident = path or file
+        if not ident:
+            ident = (content[i].as_py() if content is not None else None) or ""
+        h.update(b"\0" + ident.encode("utf-8", "surrogatepass"))
+        h.update(b"\1" + str(-1 if length is None else length).encode())
+    return h.hexdigest()
+
+
+def keyed(fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+    """fn(batch, **kw) with every report it makes filed under this batch's key."""
+    @functools.wraps(fn)
+    def run(batch: pa.Table, **kwargs: Any) -> Any:
+        # Only module functions here: cloudpickle ships this closure by value, and a
+        # ContextVar it named directly cannot be pickled.
+        token = _enter_scope(batch_key(stage, batch))
+        try:
+            return fn(batch, **kwargs)
+        finally:
+            _exit_scope(token)
+
+    return run
+
+
+def _enter_scope(key: str) -> contextvars.Token:
+    return _SCOPE.set([key, 0])
+
+
+def _exit_scope(token: contextvars.Token) -> None:
+    _SCOPE.reset(token)
+
+
+def report(ledger: Any, counts: Mapping[str, int], key: Optional[str] = None) -> None:
+    """File counts under `key` (default: the current keyed scope's batch key) and wait: a
+    fire-and-forget call could still be in flight when the driver reads the totals.
+    A re-run batch counts the same, so empty counts need no report."""
+    if ledger is None or not counts:
+        return
+    if key is None:
+        scope = _SCOPE.get()
+        if scope is not None:
+            key = f"{scope[0]}#{scope[1]}"
+            scope[1] += 1
+    ray.get(ledger.add.remote(key, dict(counts)))
 
 
 def summarize(counts: Mapping[str, int], context_length: int, chunking: str) -> dict[str, Any]:
