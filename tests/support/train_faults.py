@@ -3,6 +3,7 @@
     CODECOMPLETE_TRAIN_PLUGINS=tests.support.train_faults:kill_worker   TRAIN_FAULT_KILL_AT_STEP=5
     CODECOMPLETE_TRAIN_PLUGINS=tests.support.train_faults:skip_reduce   TRAIN_FAULT_SKIP_REDUCE_RANK=1
     CODECOMPLETE_TRAIN_PLUGINS=tests.support.train_faults:record_batches
+    CODECOMPLETE_TRAIN_PLUGINS=tests.support.train_faults:pace   TRAIN_FAULT_PACE_S=1 TRAIN_FAULT_PACE_BELOW=2
 
 (training/train/plugins.py runs them in every Ray Train worker.)
 
@@ -12,6 +13,9 @@
 - skip_reduce: that rank's loss is multiplied by 0, so its gradient is zero and the
   all-reduced gradient is no longer the mean over the union batch: the gradient-averaging
   check must then fail.
+- pace: every step of an attempt with fewer than PACE_BELOW workers takes PACE_S seconds
+  longer, so that an elastic run shrunk by a lost node is still training when the node
+  is back (on a fast machine it could finish first, and there would be nothing to grow).
 - record_batches: every rank sends the rows of each micro-batch it draws, in order, as
   `batch` events to OUTPUT/metrics.jsonl, so a test can replay them in one plain process.
 """
@@ -24,7 +28,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-ENV_VARS = ("TRAIN_FAULT_KILL_AT_STEP", "TRAIN_FAULT_SKIP_REDUCE_RANK")
+ENV_VARS = ("TRAIN_FAULT_KILL_AT_STEP", "TRAIN_FAULT_SKIP_REDUCE_RANK", "TRAIN_FAULT_PACE_S", "TRAIN_FAULT_PACE_BELOW")
 MARKER = "failure_injected.txt"
 
 
@@ -69,3 +73,18 @@ def record_batches(trainer: Any, context: Any) -> None:
             yield batch
 
     trainer.train_dataset = _IterableFromIterator(gen)
+
+
+class _Pace(TrainerCallback):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
+
+
+def pace(trainer: Any, context: Any) -> None:
+    if context.world < int(context.env.get("TRAIN_FAULT_PACE_BELOW", "2")):
+        trainer.add_callback(_Pace(float(context.env.get("TRAIN_FAULT_PACE_S", "1"))))
