@@ -146,13 +146,14 @@ def checkpoint_cost(a) -> None:
         return xs[len(xs) // 2]
 
     base = median(step_s["no_saves"])
-    print(json.dumps({
+    # seconds the loop lost per save: (run time with saves - baseline) / saves
+    cost = {k: round((median(step_s[k]) - base) * (a.steps - 1) / max(saves, 1), 4) for k in ("sync", "async")}
+    print(json.dumps({  # the scalars first: benchmarks/record.py's headline takes the leading ones
         "benchmark": "train_checkpoint",
-        "steps": a.steps, "save_every": a.save_every, "saves_in_steady_span": saves, "workers": a.workers,
-        "repeats": a.repeats, "median_step_s": {k: round(median(v), 4) for k, v in step_s.items()},
-        # seconds the loop lost per save: (run time with saves - baseline) / saves
-        "cost_per_save_s": {k: round((median(step_s[k]) - base) * (a.steps - 1) / max(saves, 1), 4)
-                            for k in ("sync", "async")},
+        "cost_per_save_s_sync": cost["sync"], "cost_per_save_s_async": cost["async"],
+        "step_s_no_saves": round(base, 4), "steps": a.steps, "save_every": a.save_every,
+        "saves_in_steady_span": saves, "workers": a.workers, "repeats": a.repeats,
+        "median_step_s": {k: round(median(v), 4) for k, v in step_s.items()},
         "step_s": {k: [round(x, 4) for x in v] for k, v in step_s.items()},
         "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }))

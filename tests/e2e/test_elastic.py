@@ -40,10 +40,11 @@ TEST_TIMEOUT_S = 600  # a bound for hangs; the run takes a fraction of it
 def elastic_cluster(tmp_path):
     # Fast failure detection, so that the test measures the job and not Ray's timeouts: the
     # GCS marks a silent node dead after ~3 s, and a worker group whose placement cannot be
-    # met (Ray Data's coordinator still counting the dead node) is given up after 30 s, not 60.
+    # met (Ray Data's coordinator still counting the dead node) is retried after 5 s, not 60
+    # (the timeout covers only the wait for the placement group).
     cluster = start_fake_cluster(max_workers=2, min_workers=2, env={
         "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-        "RAY_health_check_initial_delay_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"})
+        "RAY_health_check_initial_delay_ms": "1000", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
     try:
         yield cluster
     finally:

@@ -50,7 +50,9 @@ def test_checkpoints_written_to_s3_are_read_back_from_the_server(s3_server, smal
     from pyarrow.fs import FileSelector, FileType
     from safetensors.torch import load_file
 
-    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket="ckpts")
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name=s3_server["AWS_DEFAULT_REGION"],
+                 aws_access_key_id=s3_server["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=s3_server["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="ckpts")
     out = tmp_path / "run"
     r = run_cli([*tiny_args(small_corpus, out, max_steps=2, every=2), "--num-workers", "1",
                  "--storage-path", "s3://ckpts/runs", "--report-to", "none"], env=s3_server, timeout=500)

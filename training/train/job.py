@@ -182,7 +182,6 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "max_steps": plan.max_steps,
         "global_batch_size": plan.global_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "accumulation": plan.accumulation,
         "run_name": run_name,
         "tracking": tracking_settings(t.report_to, out.root, run_name, f"codecomplete-{cfg.preset}", t.tracking_uri),
         "sink": sink,

@@ -186,9 +186,6 @@ def skip_deepspeed_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-# ---- the loop every worker runs -------------------------------------------------------------
-
-
 def resume_point(checkpoint_dir: Optional[str], world: int, work_dir: str) -> tuple[Optional[str], bool]:
     """(HF checkpoint folder to resume from, whether it is a universal conversion). A checkpoint
     whose ZeRO shards were written by another world size is converted (training/train/elastic.py)."""
@@ -201,38 +198,6 @@ def resume_point(checkpoint_dir: Optional[str], world: int, work_dir: str) -> tu
     print(f"[train] checkpoint written by {saved} workers, resuming on {world}: re-sharding the ZeRO-2 optimizer "
           "state through DeepSpeed's universal checkpoint", flush=True)
     return universal_checkpoint(hf, os.path.join(work_dir, "universal")), True
-
-
-def train_func(config: dict[str, Any]) -> None:
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tokens_per_step = int(config["global_batch_size"]) * config["context_length"]
-    # Elastic runs: this attempt's world size decides the accumulation that keeps the global
-    # batch (the plan refused ranges with a size that cannot).
-    accumulation = accumulation_steps(int(config["global_batch_size"]), config["train"]["micro_batch_size"], world)
-    if config.get("sink") is not None:
-        config["sink"].beat.remote()  # the worker group is up
-    if not config.get("use_gpu"):
-        skip_deepspeed_shm_op()
-
-    # 1. The same initial weights on every rank.
-    torch.manual_seed(config["train"]["seed"])
-    model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
-
-    out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
-    for stale in stale_uploads(config["run_name"], rank):  # an earlier attempt here died mid-upload
-        shutil.rmtree(stale, ignore_errors=True)
-    # 2. The latest checkpoint after a restart (or with --resume): weights, ZeRO optimizer
-    #    shards, scheduler and step all come back; HF skips the batches already seen.
-    checkpoint = ray.train.get_checkpoint()
-    try:
-        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as ckpt_dir:
-            resume, universal = resume_point(ckpt_dir, world, out_dir)
-            trainer = build_trainer(config, model, rank, world, tokens_per_step, accumulation, universal,
-                                    os.path.join(out_dir, "hf"))
-            trainer.train(resume_from_checkpoint=resume)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def build_trainer(config: dict[str, Any], model: Any, rank: int, world: int, tokens_per_step: int,
@@ -266,3 +231,38 @@ def build_trainer(config: dict[str, Any], model: Any, rank: int, world: int, tok
         rank=rank, world=world, output=config.get("output", ""), sink=config.get("sink")))
     progress.trainer = trainer
     return trainer
+
+
+# ---- the loop every worker runs -------------------------------------------------------------
+
+
+def train_func(config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tokens_per_step = int(config["global_batch_size"]) * config["context_length"]
+    # Elastic runs: this attempt's world size decides the accumulation that keeps the global
+    # batch (the plan refused ranges with a size that cannot).
+    accumulation = accumulation_steps(int(config["global_batch_size"]), config["train"]["micro_batch_size"], world)
+    if config.get("sink") is not None:
+        config["sink"].beat.remote()  # the worker group is up
+    if not config.get("use_gpu"):
+        skip_deepspeed_shm_op()
+
+    # 1. The same initial weights on every rank.
+    torch.manual_seed(config["train"]["seed"])
+    model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
+
+    out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
+    for stale in stale_uploads(config["run_name"], rank):  # an earlier attempt here died mid-upload
+        shutil.rmtree(stale, ignore_errors=True)
+    # 2. The latest checkpoint after a restart (or with --resume): weights, ZeRO optimizer
+    #    shards, scheduler and step all come back; HF skips the batches already seen.
+    checkpoint = ray.train.get_checkpoint()
+    try:
+        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as ckpt_dir:
+            resume, universal = resume_point(ckpt_dir, world, out_dir)
+            trainer = build_trainer(config, model, rank, world, tokens_per_step, accumulation, universal,
+                                    os.path.join(out_dir, "hf"))
+            trainer.train(resume_from_checkpoint=resume)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
