@@ -3,12 +3,13 @@ of the elastic test's config (tests/e2e/test_elastic.py, `elastic_args`), same s
 
     flock /tmp/cc-ray.lock .venv/bin/python -m tests.support.elastic_baseline [--runs 3]
 
-Each run trains on a fixed 2 workers on a fresh local Ray cluster. Their eval losses differ
-from run to run although the seed is the same: Ray Data's streaming split hands blocks to
-whichever worker asks first, so which chunks each rank sees varies. The elastic run adds a
-shorter spell on 1 worker and chunks seen twice or not at all across its restarts. The
-tolerance is therefore the spread of these runs widened by the gap to a run on 1 worker
-(a bound for the world-size effect), and at least 0.05 nats.
+Each run trains on a fixed number of workers on a fresh local Ray cluster. Runs of one world
+size came out bit-identical here (the seeded read order and shuffle make them so), so the
+noise an elastic run is judged against is not run-to-run jitter but what the world size
+itself changes: which chunks each step sees (shards differ) and the order of the gradient
+sum. That is measured as the gap between an uninterrupted run on 1 worker and the mean of
+the runs on 2; the tolerance is that gap plus the spread of the 2-worker runs, at least
+0.05 nats. An elastic run of the same config must land within it of the 2-worker mean.
 """
 
 from __future__ import annotations
