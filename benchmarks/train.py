@@ -111,6 +111,54 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def checkpoint_cost(a) -> None:
+    """`--checkpoint-cost`: what a checkpoint save costs the training loop, with the upload
+    synchronous (report blocks until the copy to storage is done) and asynchronous (Ray
+    Train's CheckpointUploadMode.ASYNC, the default). Three distributed runs per repeat,
+    interleaved: evaluating every `--save-every` steps and saving only at the end (the
+    baseline), then saving at every evaluation with each upload mode. A save's cost is the
+    steady time the run lost against the baseline, over the saves inside the steady span."""
+    from short_job import short_tiny_job
+
+    from training.data.pipeline import prepare_data
+    from training.train.job import run_job
+
+    out = Path(a.output or tempfile.mkdtemp(prefix="bench_ckpt_"))
+    cfg = short_tiny_job(str(out / "run"), a.files, a.workers, a.steps)
+    cfg.train.global_batch_size = a.workers * cfg.train.micro_batch_size
+    cfg.train.eval_steps = a.save_every
+    cfg.validate()
+    prepared = prepare_data(cfg)
+    saves = len(range(a.save_every, a.steps, a.save_every))  # inside the steady span (the last is after it)
+    step_s: dict[str, list[float]] = {"no_saves": [], "sync": [], "async": []}
+    for i in range(a.repeats):
+        for name in step_s:
+            cfg.train.save_steps = a.steps if name == "no_saves" else a.save_every
+            cfg.train.async_checkpoint = name == "async"
+            cfg.output = str(out / f"run{i}_{name}")
+            summary = run_job(cfg, prepared=prepared)
+            ends = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+            steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
+            step_s[name].append(summary["tokens_per_step"] / steady)
+
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+
+    base = median(step_s["no_saves"])
+    # seconds the loop lost per save: (run time with saves - baseline) / saves
+    cost = {k: round((median(step_s[k]) - base) * (a.steps - 1) / max(saves, 1), 4) for k in ("sync", "async")}
+    print(json.dumps({  # the scalars first: benchmarks/record.py's headline takes the leading ones
+        "benchmark": "train_checkpoint",
+        "cost_per_save_s_sync": cost["sync"], "cost_per_save_s_async": cost["async"],
+        "step_s_no_saves": round(base, 4), "steps": a.steps, "save_every": a.save_every,
+        "saves_in_steady_span": saves, "workers": a.workers, "repeats": a.repeats,
+        "median_step_s": {k: round(median(v), 4) for k, v in step_s.items()},
+        "step_s": {k: [round(x, 4) for x in v] for k, v in step_s.items()},
+        "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+    }))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
@@ -123,7 +171,12 @@ def main() -> None:
                          "with the same single-process run (the single process stays eager)")
     ap.add_argument("--output", default=None, help="run folder (default: a temporary one)")
     ap.add_argument("--repeats", type=int, default=3, help="paired runs; the median ratio is reported")
+    ap.add_argument("--checkpoint-cost", action="store_true",
+                    help="measure instead what a checkpoint save costs a step, sync vs async upload")
+    ap.add_argument("--save-every", type=int, default=5, help="with --checkpoint-cost: steps between saves")
     a = ap.parse_args()
+    if a.checkpoint_cost:
+        return checkpoint_cost(a)
 
     from short_job import short_tiny_job
 

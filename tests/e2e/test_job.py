@@ -429,6 +429,5 @@ def test_resume_continues_a_stopped_run_from_its_latest_checkpoint(small_corpus,
     # micro-batches and trained on the rest: 6 steps x 1 micro-batch drawn per rank.
     stream = [e for e in events(out) if e["event"] == "stream"]
     assert sorted((e["rank"], e["batches_read"]) for e in stream) == [(0, 6), (1, 6)]
-    # Another worker count cannot load ZeRO-2 shards split 2 ways: refused before any work.
-    third = run_cli(["--preset", "tiny", "--resume", str(out), *args[2:], "--num-workers", "1"], timeout=120)
-    assert third.returncode == 2 and "error: train.num_workers=1: the run being resumed trained on 2" in third.stderr
+    # Resuming on another worker count re-shards the ZeRO-2 state instead of being refused:
+    # tests/e2e/test_elastic.py checks that path (2 -> 1 -> 2 workers).

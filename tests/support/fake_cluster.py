@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import yaml
 
-from tests.support.ray_cluster import REPO_ROOT, LocalRayHead, free_port
+from tests.support.ray_cluster import RAY, REPO_ROOT, LocalRayHead, free_port
 
 FAKE_CONFIG = REPO_ROOT / "configs" / "cluster" / "fake-local.yaml"
 PUBLISH = REPO_ROOT / "deploy" / "publish_cluster_config.py"
@@ -48,7 +48,7 @@ class FakeAutoscalingCluster(LocalRayHead):
 
     def __init__(self, max_workers: int = 2, worker_cpus: int = 1,
                  idle_timeout_minutes: Optional[float] = None, env: Optional[dict[str, str]] = None,
-                 publish_config: bool = True):
+                 publish_config: bool = True, min_workers: int = 0):
         self.created_at = time.time()  # for callers' deadlines
         # The autoscaler polls every second instead of every 5: nodes come sooner.
         super().__init__(num_cpus=0, env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
@@ -60,6 +60,7 @@ class FakeAutoscalingCluster(LocalRayHead):
         worker = cfg["available_node_types"][WORKER_TYPE]
         worker["resources"] = {"CPU": worker_cpus}
         worker["max_workers"] = max_workers
+        worker["min_workers"] = min_workers  # kept up by the autoscaler: a lost node is replaced
         cfg["max_workers"] = max_workers
         if idle_timeout_minutes is not None:
             cfg["idle_timeout_minutes"] = idle_timeout_minutes
@@ -162,6 +163,35 @@ class FakeAutoscalingCluster(LocalRayHead):
             if "No available agent" not in result.stdout + result.stderr or time.time() > deadline - 5:
                 return result
             time.sleep(2)
+
+    def kill_node(self, node_id: str) -> list[int]:
+        """SIGKILL every process of one fake worker node (its raylet, agents and workers), as a
+        machine that vanishes: nothing shuts down cleanly. The fake provider starts each node
+        with RAY_OVERRIDE_NODE_ID_FOR_TESTING=<node id>, which its processes inherit."""
+        marker = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
+        killed = []
+        for pid in self.stragglers():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+        return killed
+
+    def add_node(self, cpus: int = 1) -> subprocess.Popen:
+        """Join one more 1-CPU worker node, as a replacement machine would. Ray's fake provider
+        never notices that a node it launched was killed (the autoscaler keeps it as a
+        pending node), so it never replaces one: the test does. The node carries this
+        cluster's token path in its environment, so stop() finds and ends it."""
+        log = Path(self.temp_dir) / f"added_node_{time.time():.0f}.log"
+        return subprocess.Popen([RAY, "start", f"--address={self.address}", f"--num-cpus={cpus}", "--block",
+                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
     # ---- looking at the cluster -----------------------------------------------------------
 

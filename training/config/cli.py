@@ -94,9 +94,20 @@ def build_parser(prog: str = "training/run.py", description: str = "") -> argpar
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    """Preset, then flags; coerced and type-checked by the config itself."""
+    """Preset, then flags; coerced and type-checked by the config itself.
+
+    A --corpus given without --valid-corpus replaces the preset's validation corpus too: a
+    preset's hub validation set belongs to the preset's corpus (gpt2-small: codeparrot-ds),
+    and scoring another corpus on it would say little (and need the network). Validation is
+    then the corpus's own hash split, and one line says so."""
     cfg = JobConfig.from_preset(args.config or args.preset)
-    cfg.update(overrides(args, JobConfig), source="command line")
+    given = overrides(args, JobConfig)
+    data = given.get("data", {})
+    if "corpus" in data and "valid_corpus" not in data and cfg.data.valid_corpus is not None:
+        print(f"[config] --corpus without --valid-corpus: validating on a {data.get('valid_fraction', cfg.data.valid_fraction)}"
+              f" hash split of {data['corpus']}, not the preset's valid_corpus {cfg.data.valid_corpus}", flush=True)
+        cfg.data.valid_corpus = None
+    cfg.update(given, source="command line")
     return cfg
 
 

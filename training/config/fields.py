@@ -130,6 +130,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         return coerce(value, inner, where)
+    if hasattr(tp, "coerce_config_value"):  # a type that parses its own spellings (WorkerCount)
+        return tp.coerce_config_value(value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}={value!r}: must be one of {', '.join(map(str, args))}")

@@ -23,6 +23,39 @@ import yaml
 from training.config.fields import Config, ConfigError, check, preset_path, resolve_path
 
 
+class WorkerCount:
+    """The type of `train.num_workers`: a count (`4`) or an elastic range (`2-8`, YAML `2-8` or
+    `[2, 8]`). Parsed to an int, or to a (min, max) tuple when min < max."""
+
+    @staticmethod
+    def coerce_config_value(value: Any, where: str) -> Any:
+        raw = value
+        if isinstance(value, str):
+            value = value.strip()
+            parts = [p.strip() for p in value.split("-")] if "-" in value.lstrip("-") else [value]
+            value = parts if len(parts) == 2 else value
+        try:
+            if isinstance(value, (list, tuple)):
+                if len(value) != 2:
+                    raise ValueError
+                lo, hi = (int(str(v)) for v in value)
+                return lo if lo == hi else (lo, hi)
+            if isinstance(value, bool):
+                raise ValueError
+            return int(str(value)) if not isinstance(value, int) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={raw!r}: must be a count (4) or a range MIN-MAX (2-8)") from None
+
+
+def worker_range(num_workers: Any) -> Optional[tuple[int, int]]:
+    """(min, max) of train.num_workers, or None when it is unset."""
+    if num_workers is None:
+        return None
+    if isinstance(num_workers, (list, tuple)):
+        return int(num_workers[0]), int(num_workers[1])
+    return int(num_workers), int(num_workers)
+
+
 @dataclass
 class DataConfig:
     corpus: Optional[str] = None
@@ -165,8 +198,11 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: Optional[int] = None
-    """Ray Train workers. None: what the cluster offers (GPUs if it has them, else 2)."""
+    num_workers: Optional[WorkerCount] = None
+    """Ray Train workers: a count, or an elastic range MIN-MAX (`2-8`): the run starts with what
+    the cluster can give within it, restarts smaller from the latest checkpoint when a node
+    is lost and grows back when nodes return, keeping the global batch (every size in the
+    range must divide it). None: what the cluster offers (GPUs if it has them, else 2)."""
 
     use_gpu: Optional[bool] = None
     """Train on GPUs (NCCL) or CPUs (gloo). None: GPUs exactly when the cluster has them."""
@@ -214,7 +250,26 @@ class TrainConfig:
     """Checkpoints kept, best by eval loss."""
 
     max_failures: int = 2
-    """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    """Worker-group restarts (from the latest checkpoint) before the run fails; -1: no limit.
+    A node that dies without notice (killed, crashed) counts here."""
+
+    max_preemption_failures: int = -1
+    """Restarts after node preemptions (a node Ray is told is being reclaimed: spot/preemptible
+    instances), counted apart from max_failures; -1: no limit, so a preempted node is always
+    a restart from the latest checkpoint, never a failed run."""
+
+    preemption_grace_s: float = 0.0
+    """Seconds the surviving workers may keep running past a preemption's deadline (to finish
+    a checkpoint upload) before Ray Train restarts them."""
+
+    resize_interval_s: float = 60.0
+    """Elastic runs (num_workers MIN-MAX): how often Ray Train checks whether the cluster can
+    now hold more workers; growing restarts the workers from the latest checkpoint."""
+
+    async_checkpoint: bool = True
+    """Upload checkpoints in the background (Ray Train's CheckpointUploadMode.ASYNC): training
+    goes on while a save is copied to storage_path, and the local copy is deleted once
+    uploaded. False: each save blocks until its upload is done."""
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs. bf16 on CPU
@@ -261,7 +316,12 @@ class TrainConfig:
         def ok(cond: bool, field: str, why: str) -> None:
             check(cond, f"{name}.{field}", getattr(self, field), why)
 
-        ok(self.num_workers is None or self.num_workers >= 1, "num_workers", "must be >= 1")
+        lo_hi = worker_range(self.num_workers)
+        ok(lo_hi is None or lo_hi[0] >= 1, "num_workers", "must be >= 1")
+        ok(lo_hi is None or lo_hi[0] <= lo_hi[1], "num_workers", "a range must be MIN-MAX with MIN <= MAX")
+        ok(self.max_preemption_failures >= -1, "max_preemption_failures", "must be >= -1 (-1: retry forever)")
+        ok(self.preemption_grace_s >= 0, "preemption_grace_s", "must be >= 0")
+        ok(self.resize_interval_s >= 0, "resize_interval_s", "must be >= 0")
         ok(self.cpus_per_worker is None or self.cpus_per_worker >= 0, "cpus_per_worker", "must be >= 0")
         ok(self.report_to in ("tensorboard", "mlflow", "none"), "report_to", "must be tensorboard, mlflow or none")
         if self.report_to != "none":

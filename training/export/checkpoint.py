@@ -116,7 +116,9 @@ def summarize(events: list[dict[str, Any]], *, workers: int, device: str, max_st
         "final_train_loss": train_losses[-1]["loss"] if train_losses else None,
         "final_eval_loss": final_eval,
         "final_eval_perplexity": math.exp(min(final_eval, 50.0)) if final_eval is not None else None,
-        "attempts": [{"start_step": int(a["start_step"])} for a in attempts],
+        # world size and grad-accum per attempt: an elastic run's restarts may differ in both
+        "attempts": [{"start_step": int(a["start_step"]), "world_size": a.get("world_size"),
+                      "gradient_accumulation_steps": a.get("gradient_accumulation_steps")} for a in attempts],
         # the step the last attempt started from: > 0 after a restart or --resume
         "resumed_from_step": int(attempts[-1]["start_step"]) if attempts else 0,
         "train_seconds": round(train_seconds, 3),

@@ -29,7 +29,7 @@ from typing import Any, Optional
 from training.config import ConfigError, JobConfig
 from training.config.job import load_deepspeed_config
 from training.layout import RUN_STATE_FILE, RunLayout
-from training.train.plan import choose_precision, plan_batch, plan_for_resume, plan_workers
+from training.train.plan import check_batch, choose_precision, plan_batch, plan_for_resume, plan_workers
 from training.train.plugins import driver_settings as plugin_settings
 from training.train.watchdog import StallError, watched
 
@@ -62,6 +62,15 @@ def cluster_capacity() -> dict[str, float]:
     cap["CPU_now"], cap["GPU_now"] = float(now.get("CPU", 0)), float(now.get("GPU", 0))
     cap["autoscaling"] = float(bool(autoscaler_max))
     return cap
+
+
+def accumulation_line(plan: Any) -> str:
+    """How the global batch is made, per world size when elastic."""
+    if not plan.elastic:
+        return (f"{plan.workers} workers x micro-batch {plan.micro_batch_size} x grad-accum "
+                f"{plan.gradient_accumulation_steps}")
+    per = ", ".join(f"{w}: {a}" for w, a in sorted(plan.accumulation.items()))
+    return f"micro-batch {plan.micro_batch_size} x workers x grad-accum, by workers {{{per}}}"
 
 
 # ---- run identity (fresh or --resume) -----------------------------------------------------
@@ -106,6 +115,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     state = saved_state(cfg)
     if state is not None:
         t.num_workers = plan_for_resume(cfg, state)
+    check_batch(cfg)  # an explicit worker count (or range) that cannot keep the global batch: before any data
 
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -124,8 +134,9 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     init_ray()
     cap = cluster_capacity()
     plan = plan_workers(cfg, cap)
+    shown = f"{plan.min_workers}-{plan.workers} (elastic)" if plan.elastic else str(plan.workers)
     print(f"[job] cluster: {cap['CPU_now']:g} CPUs, {cap['GPU_now']:g} GPUs now (max {cap['CPU']:g}/{cap['GPU']:g}); "
-          f"training on {plan.workers} {'GPU' if plan.use_gpu else 'CPU'} workers x {plan.cpus_per_worker:g} CPU, "
+          f"training on {shown} {'GPU' if plan.use_gpu else 'CPU'} workers x {plan.cpus_per_worker:g} CPU, "
           f"stream reads {plan.read_cpus:g} CPU, ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}",
           flush=True)
 
@@ -139,8 +150,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     tokens_per_step = plan.global_batch_size * cfg.data.context_length
 
     run_name, storage = run_identity(cfg, out, state)
+    # An elastic run needs only its minimum to start: probing the maximum would wait for nodes
+    # that a spot cluster may not get for hours.
     probes = watched("worker probe", t.stall_timeout, lambda: probe_workers(
-        plan.workers, plan.use_gpu, plan.cpus_per_worker, [str(prepared.train_dir), str(prepared.valid_dir)], storage))
+        plan.min_workers, plan.use_gpu, plan.cpus_per_worker, [str(prepared.train_dir), str(prepared.valid_dir)], storage))
     check_probes(probes, storage, cfg.output)
     print(f"[job] worker probe: {len(probes)} task(s) on node(s) {', '.join(sorted({p['node'] for p in probes}))} "
           f"read the prepared data and the checkpoint storage", flush=True)
@@ -157,8 +170,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     print(f"[job] model: GPT-2 {cfg.model.n_layer}x{cfg.model.n_embd}, {n_params / 1e6:.2f} M parameters, "
           f"vocab {model_config.vocab_size}, {precision}{' on ' + ', '.join(gpus['gpus']) if gpus['gpus'] else ''}; "
           f"{prepared.stats['chunks_train']:,} train chunks -> {plan.max_steps} steps of {plan.global_batch_size} "
-          f"sequences ({plan.workers} workers x micro-batch {plan.micro_batch_size} x grad-accum "
-          f"{plan.gradient_accumulation_steps}); run {run_name} in {storage}", flush=True)
+          f"sequences ({accumulation_line(plan)}); run {run_name} in {storage}", flush=True)
 
     loop_config = {
         "train": asdict(t),
@@ -183,7 +195,9 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=plan.scaling_workers(), use_gpu=plan.use_gpu,
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.resize_interval_s),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         datasets=streams,
         dataset_config=DataConfig(datasets_to_split="all"),
@@ -193,7 +207,11 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                checkpoint_score_attribute="eval_loss",
                                                checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            # A node that dies counts against max_failures; one Ray is told is being preempted
+            # against max_preemption_failures (-1: always restart from the latest checkpoint).
+            failure_config=FailureConfig(max_failures=t.max_failures,
+                                         max_preemption_failures=t.max_preemption_failures,
+                                         preemption_grace_s=t.preemption_grace_s),
         ),
     )
     try:
@@ -219,7 +237,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     summary.update({"precision": precision, "parameters": n_params, "run_name": run_name, "storage_path": storage,
                     "global_batch_size": plan.global_batch_size, "micro_batch_size": plan.micro_batch_size,
                     "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-                    "cpus_per_worker": plan.cpus_per_worker})
+                    "cpus_per_worker": plan.cpus_per_worker, "min_workers": plan.min_workers})
     write_json(out.summary, summary)
     from training.export.model_card import write_model_card
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Optional
 
 import numpy as np
 import ray.train
@@ -31,6 +32,9 @@ from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_t
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from training.train.elastic import (optimizer_state_summary, saved_world_size, stale_uploads, universal_checkpoint,
+                                    upload_prefix, use_universal_checkpoint)
+from training.train.plan import accumulation_steps
 from training.train.plugins import PluginContext, install_plugins
 from training.train.rank_aware import (FinalEvalCallback, ProgressCallback, RankAwareReportCallback, RankAwareTrainer,
                                        owned_by, param_digest)
@@ -105,8 +109,12 @@ def scratch_dir(run_name: str, rank: int) -> str:
 # ---- building blocks of train_func -----------------------------------------------------------
 
 
-def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArguments:
+def training_arguments(config: dict[str, Any], out_dir: str, accumulation: Optional[int] = None,
+                       universal: bool = False) -> TrainingArguments:
+    """accumulation: this attempt's (derived from its world size; the plan's by default);
+    universal: load the resumed checkpoint in DeepSpeed's universal format (training/train/elastic.py)."""
     t, precision = config["train"], config["precision"]
+    ds_config = use_universal_checkpoint(config["deepspeed"]) if universal else config["deepspeed"]
     # bf16 on CPU workers: transformers refuses bf16=True without a CUDA bf16 device unless
     # use_cpu=True, and use_cpu=True makes accelerate skip DeepSpeed. DeepSpeed runs bf16 on
     # CPUs itself, so the arguments are built fp32 and switched to bf16 after that check.
@@ -115,7 +123,7 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         output_dir=out_dir,
         per_device_train_batch_size=t["micro_batch_size"],
         per_device_eval_batch_size=t["micro_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        gradient_accumulation_steps=accumulation or config["gradient_accumulation_steps"],
         learning_rate=t["learning_rate"],
         lr_scheduler_type=t["lr_scheduler_type"],
         warmup_steps=t["warmup_steps"],
@@ -128,7 +136,7 @@ def training_arguments(config: dict[str, Any], out_dir: str) -> TrainingArgument
         save_strategy="steps",
         save_steps=t["save_steps"],
         save_total_limit=1,  # local scratch only; Ray Train keeps the real checkpoints
-        deepspeed=config["deepspeed"],
+        deepspeed=ds_config,
         bf16=precision == "bf16" and not cpu_bf16,
         fp16=precision == "fp16",
         torch_compile=bool(t.get("compile")),  # accelerate calls DeepSpeedEngine.compile()
@@ -178,27 +186,26 @@ def skip_deepspeed_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-# ---- the loop every worker runs -------------------------------------------------------------
+def resume_point(checkpoint_dir: Optional[str], world: int, work_dir: str) -> tuple[Optional[str], bool]:
+    """(HF checkpoint folder to resume from, whether it is a universal conversion). A checkpoint
+    whose ZeRO shards were written by another world size is converted (training/train/elastic.py)."""
+    if checkpoint_dir is None:
+        return None, False
+    hf = os.path.join(checkpoint_dir, RayTrainReportCallback.CHECKPOINT_NAME)
+    saved = saved_world_size(hf)
+    if saved is None or saved == world:
+        return hf, False
+    print(f"[train] checkpoint written by {saved} workers, resuming on {world}: re-sharding the ZeRO-2 optimizer "
+          "state through DeepSpeed's universal checkpoint", flush=True)
+    return universal_checkpoint(hf, os.path.join(work_dir, "universal")), True
 
 
-def train_func(config: dict[str, Any]) -> None:
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tokens_per_step = int(config["global_batch_size"]) * config["context_length"]
-    if config.get("sink") is not None:
-        config["sink"].beat.remote()  # the worker group is up
-    if not config.get("use_gpu"):
-        skip_deepspeed_shm_op()
-
-    # 1. The same initial weights on every rank.
-    torch.manual_seed(config["train"]["seed"])
-    model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
-
-    # 2. HF Trainer over this worker's shard, logging and checkpointing through Ray Train.
-    out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
-    progress = ProgressCallback(config, rank, world, tokens_per_step)
+def build_trainer(config: dict[str, Any], model: Any, rank: int, world: int, tokens_per_step: int,
+                  accumulation: int, universal: bool, out_dir: str) -> Any:
+    """HF Trainer over this worker's shard, logging and checkpointing through Ray Train."""
+    progress = ProgressCallback(config, rank, world, tokens_per_step, accumulation)
     train_batches, valid_batches = shard_batches(config, rank, progress.on_batch)
-    trainer = RankAwareTrainer(model=model, args=training_arguments(config, out_dir),
+    trainer = RankAwareTrainer(model=model, args=training_arguments(config, out_dir, accumulation, universal),
                                train_dataset=train_batches, eval_dataset=valid_batches, world=world)
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its raw dicts
     trainer.add_callback(progress)
@@ -209,21 +216,53 @@ def train_func(config: dict[str, Any]) -> None:
         if tracker is not None:
             trainer.add_callback(tracker)  # after `progress`, so it sees tokens/s in the logs
     trainer.add_callback(FinalEvalCallback())
-    trainer.add_callback(RankAwareReportCallback(rank, config.get("sink")))
+
+    def summary() -> Any:
+        return optimizer_state_summary(trainer.model_wrapped, world)
+
+    progress.summary = summary
+    trainer.add_callback(RankAwareReportCallback(rank, config.get("sink"),
+                                                 asynchronous=bool(config["train"].get("async_checkpoint", True)),
+                                                 staging_prefix=upload_prefix(config["run_name"], rank),
+                                                 summary=summary))
     trainer = prepare_trainer(trainer)
     # Modules named in CODECOMPLETE_TRAIN_PLUGINS may add callbacks or wrap the trainer.
     trainer = install_plugins(trainer, config.get("plugins"), PluginContext(
         rank=rank, world=world, output=config.get("output", ""), sink=config.get("sink")))
     progress.trainer = trainer
+    return trainer
 
-    # 3. Train, from the latest checkpoint after a restart or with --resume: weights, ZeRO
-    #    optimizer shards, scheduler and step all come back; HF skips the batches already seen.
+
+# ---- the loop every worker runs -------------------------------------------------------------
+
+
+def train_func(config: dict[str, Any]) -> None:
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tokens_per_step = int(config["global_batch_size"]) * config["context_length"]
+    # Elastic runs: this attempt's world size decides the accumulation that keeps the global
+    # batch (the plan refused ranges with a size that cannot).
+    accumulation = accumulation_steps(int(config["global_batch_size"]), config["train"]["micro_batch_size"], world)
+    if config.get("sink") is not None:
+        config["sink"].beat.remote()  # the worker group is up
+    if not config.get("use_gpu"):
+        skip_deepspeed_shm_op()
+
+    # 1. The same initial weights on every rank.
+    torch.manual_seed(config["train"]["seed"])
+    model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
+
+    out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
+    for stale in stale_uploads(config["run_name"], rank):  # an earlier attempt here died mid-upload
+        shutil.rmtree(stale, ignore_errors=True)
+    # 2. The latest checkpoint after a restart (or with --resume): weights, ZeRO optimizer
+    #    shards, scheduler and step all come back; HF skips the batches already seen.
     checkpoint = ray.train.get_checkpoint()
     try:
-        if checkpoint is not None:
-            with checkpoint.as_directory() as ckpt_dir:
-                trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, RayTrainReportCallback.CHECKPOINT_NAME))
-        else:
-            trainer.train()
+        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(None)) as ckpt_dir:
+            resume, universal = resume_point(ckpt_dir, world, out_dir)
+            trainer = build_trainer(config, model, rank, world, tokens_per_step, accumulation, universal,
+                                    os.path.join(out_dir, "hf"))
+            trainer.train(resume_from_checkpoint=resume)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

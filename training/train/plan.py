@@ -18,14 +18,21 @@ recipe's unit (32 x grad-accum 8 = 256 on one device). Each worker takes
 `micro_batch_size` per forward pass, and accumulation is derived:
 global / (micro x workers). The same global batch on 1 or 8 workers gives the same number
 of optimizer steps per epoch and so the same learning-rate schedule.
+
+Elastic ranges. `--num-workers 2-8` lets Ray Train run on any world size in the range, and a
+restart can land on any of them, so every size in it must keep the global batch: a range
+holding one that cannot is refused here, naming the sizes that can, before any data is read
+or any cluster is asked. max_steps is fixed for the whole run (the schedule is one curve):
+one epoch is counted on the range's largest size, whose equal shards drop the most chunks.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from training.config import ConfigError, JobConfig
+from training.config.job import worker_range
 
 DEFAULT_CPU_WORKERS = 2
 TRAIN_CPU_SHARE = 0.5  # auto plan: CPU workers together reserve at most this share
@@ -42,6 +49,19 @@ class Plan:
     micro_batch_size: int = 0
     gradient_accumulation_steps: int = 0
     max_steps: int = 0
+    min_workers: int = 0  # elastic: the range Ray Train may pick from (min == max == workers if fixed)
+    accumulation: dict[int, int] = field(default_factory=dict)  # world size -> grad-accum keeping the global batch
+
+    def __post_init__(self) -> None:
+        self.min_workers = self.min_workers or self.workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.workers
+
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig(num_workers=...): a count, or (min, max) for Ray Train's elastic policy."""
+        return (self.min_workers, self.workers) if self.elastic else self.workers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,8 +78,9 @@ def plan_workers(cfg: JobConfig, cap: dict[str, float]) -> Plan:
     use_gpu = t.use_gpu if t.use_gpu is not None else cap["GPU"] > 0
     if use_gpu and cap["GPU"] < 1:
         raise ConfigError("train.use_gpu=True: the cluster has no GPUs and cannot get any")
-    if t.num_workers is not None:
-        n = t.num_workers
+    lo_hi = worker_range(t.num_workers)
+    if lo_hi is not None:
+        lo, n = lo_hi
     elif use_gpu:
         n = int(cap["GPU"])
     elif t.cpus_per_worker:
@@ -72,13 +93,19 @@ def plan_workers(cfg: JobConfig, cap: dict[str, float]) -> Plan:
         per = 1.0  # GPU nodes have CPUs to spare; the GPU is the reservation that matters
     else:
         per = max(MIN_AUTO_CPUS, min(1.0, cap["CPU"] * TRAIN_CPU_SHARE / n)) if cap["CPU"] > 0 else 1.0
+    if lo_hi is None:
+        lo = n
+    shown = n if lo == n else f"{lo}-{n}"
+    # An elastic range must fit at its top: Ray Train asks the autoscaler for the max and
+    # grows to it whenever it can, and a top the cluster can never reach is a typo.
     need_cpu = n * per
     if need_cpu > cap["CPU"] + 1e-9:
         scale = " (autoscaler max included)" if cap.get("autoscaling") else ""
-        raise ConfigError(f"train.num_workers={n}: needs {need_cpu:g} CPUs ({n} x train.cpus_per_worker="
+        raise ConfigError(f"train.num_workers={shown}: needs {need_cpu:g} CPUs ({n} x train.cpus_per_worker="
                           f"{per:g}) but the cluster can offer at most {cap['CPU']:g}{scale}")
     if use_gpu and n > cap["GPU"]:
-        raise ConfigError(f"train.num_workers={n}: needs {n} GPUs but the cluster can offer at most {cap['GPU']:g}")
+        raise ConfigError(f"train.num_workers={shown}: needs {n} GPUs but the cluster can offer at most "
+                          f"{cap['GPU']:g}")
     left = cap["CPU"] - need_cpu
     if left <= 1e-9:
         print(f"[job] warning: {n} workers x {per:g} CPUs take all {cap['CPU']:g} CPUs; Ray Data needs some to read "
@@ -87,7 +114,8 @@ def plan_workers(cfg: JobConfig, cap: dict[str, float]) -> Plan:
     # Reads of the training and the validation stream can be pending at once: each gets a
     # quarter of what the workers leave, capped at Ray Data's default of 1 CPU.
     read = min(1.0, max(left, 0.0) / 4) if left > 1e-9 else 0.25
-    return Plan(workers=n, use_gpu=use_gpu, cpus_per_worker=per, read_cpus=round(read, 4))
+    return Plan(workers=n, use_gpu=use_gpu, cpus_per_worker=per, read_cpus=round(read, 4), min_workers=lo,
+                accumulation=accumulation_table(t.global_batch_size, t.micro_batch_size, lo, n))
 
 
 # ---- batch and steps ---------------------------------------------------------------------------
@@ -98,11 +126,48 @@ def accumulation_steps(global_batch: int, micro: int, workers: int) -> int:
     per_pass = micro * workers
     if global_batch % per_pass:
         fits = [m for m in range(micro, 0, -1) if global_batch % (m * workers) == 0]
-        hint = f"--micro-batch-size {fits[0]}" if fits else "another --num-workers"
+        sizes = ", ".join(map(str, sizes_that_keep(global_batch, micro, max(8, 2 * workers))))
+        hint = f"--micro-batch-size {fits[0]}" if fits else f"another --num-workers (these keep it: {sizes})"
         raise ConfigError(f"train.global_batch_size={global_batch}: not divisible by train.micro_batch_size={micro} "
                           f"x {workers} workers = {per_pass}; use {hint} or a global batch that is a multiple of "
                           f"{per_pass}")
     return global_batch // per_pass
+
+
+def sizes_that_keep(global_batch: int, micro: int, upto: int) -> list[int]:
+    """World sizes 1..upto on which micro x workers x accumulation = global_batch."""
+    return [w for w in range(1, upto + 1) if global_batch % (micro * w) == 0]
+
+
+def accumulation_table(global_batch: int, micro: int, lo: int, hi: int) -> dict[int, int]:
+    """{world size: accumulation} for every size in lo..hi, or a ConfigError naming the sizes
+    that keep the global batch (and, for a range, the ranges made of them)."""
+    if lo == hi:
+        return {hi: accumulation_steps(global_batch, micro, hi)}
+    bad = [w for w in range(lo, hi + 1) if global_batch % (micro * w)]
+    if bad:
+        ok = sizes_that_keep(global_batch, micro, hi)
+        ranges, fixed, start = [], [], None  # runs of consecutive good sizes: the ranges that work
+        for w in range(1, hi + 2):
+            if w <= hi and w in ok:
+                start = w if start is None else start
+            elif start is not None:
+                (ranges.append(f"{start}-{w - 1}") if w - 1 > start else fixed.append(str(start)))
+                start = None
+        hints = ([f"a range of sizes that all keep it ({', '.join(ranges)})"] if ranges else []) + \
+                ([f"a fixed count ({', '.join(fixed)})"] if fixed else [])
+        raise ConfigError(f"train.num_workers={lo}-{hi}: the global batch {global_batch} = micro-batch {micro} x "
+                          f"workers x grad-accum holds on {', '.join(map(str, ok)) or 'no'} worker(s), not on "
+                          f"{', '.join(map(str, bad))}; use {' or '.join(hints + [''])}"
+                          f"a --global-batch-size / --micro-batch-size that every size in {lo}-{hi} divides")
+    return {w: global_batch // (micro * w) for w in range(lo, hi + 1)}
+
+
+def check_batch(cfg: JobConfig) -> None:
+    """The batch/worker check that needs no cluster: run before any data or hub read."""
+    lo_hi = worker_range(cfg.train.num_workers)
+    if lo_hi is not None:
+        accumulation_table(cfg.train.global_batch_size, cfg.train.micro_batch_size, *lo_hi)
 
 
 def steps_per_epoch(chunks_train: int, workers: int, global_batch: int) -> int:
@@ -113,9 +178,10 @@ def steps_per_epoch(chunks_train: int, workers: int, global_batch: int) -> int:
 
 def plan_batch(cfg: JobConfig, stats: dict[str, Any], plan: Plan) -> Plan:
     """Fill the batch fields and max_steps into the worker plan."""
-    t, n = cfg.train, plan.workers
+    t, n = cfg.train, plan.workers  # n: the range's top when elastic (the fewest steps per epoch)
     accum = accumulation_steps(t.global_batch_size, t.micro_batch_size, n)
-    per_epoch = steps_per_epoch(int(stats["chunks_train"]), n, t.global_batch_size)
+    per_epoch = min(steps_per_epoch(int(stats["chunks_train"]), w, t.global_batch_size)
+                    for w in range(plan.min_workers, n + 1))
     if per_epoch < 1 and t.max_steps is None:
         raise ConfigError(f"data.corpus: {stats['chunks_train']} training chunks are fewer than one optimizer step "
                           f"(train.global_batch_size={t.global_batch_size}); use a larger corpus or a smaller "
@@ -130,18 +196,17 @@ def plan_batch(cfg: JobConfig, stats: dict[str, Any], plan: Plan) -> Plan:
     return plan
 
 
-def plan_for_resume(cfg: JobConfig, state: dict[str, Any]) -> Optional[int]:
-    """The worker count a resumed run must use: the saved one (ZeRO-2 optimizer shards are
-    per rank, so another world size could not load them). A different explicit
-    --num-workers is refused."""
-    saved = state.get("workers")
-    if saved is None:
+def plan_for_resume(cfg: JobConfig, state: dict[str, Any]) -> Any:
+    """The worker count (or range) a resumed run uses: the saved one unless given. Another
+    world size than the checkpoint's is fine: the ZeRO-2 optimizer state is re-sharded on
+    load (training/train/elastic.py); the batch check then holds for the new size."""
+    if cfg.train.num_workers is not None:
+        return cfg.train.num_workers
+    saved = state.get("plan", {}) or {}
+    lo, hi = saved.get("min_workers"), saved.get("workers", state.get("workers"))
+    if hi is None:
         return None
-    if cfg.train.num_workers is not None and cfg.train.num_workers != saved:
-        raise ConfigError(f"train.num_workers={cfg.train.num_workers}: the run being resumed trained on {saved} "
-                          f"workers and its ZeRO optimizer state is split {saved} ways; resume with "
-                          f"--num-workers {saved} (or leave it out)")
-    return int(saved)
+    return (int(lo), int(hi)) if lo and int(lo) < int(hi) else int(hi)
 
 
 # ---- precision ---------------------------------------------------------------------------------

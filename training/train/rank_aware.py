@@ -78,34 +78,49 @@ class RankAwareTrainer(Trainer):
 
 
 class RankAwareReportCallback(RayTrainReportCallback):
-    """RayTrainReportCallback, but each rank reports only the files it owns and then
-    deletes its scratch copy (HF's own cleanup runs only where it thinks it should save)."""
+    """RayTrainReportCallback, but each rank reports only the files it owns, and uploads in
+    the background (Ray Train's CheckpointUploadMode.ASYNC, which HF's own callback never
+    asks for): the rank moves its files out of HF's scratch folder into a staging folder of
+    its own, reports it and trains on while Ray Train copies it to storage and then deletes
+    it. `asynchronous=False` blocks in report until the copy is done, as HF's callback does."""
 
-    def __init__(self, rank: int, sink: Any = None):
+    def __init__(self, rank: int, sink: Any = None, asynchronous: bool = True, staging_prefix: str = "upload_",
+                 summary: Any = None):
         super().__init__()
-        self.rank, self.sink = rank, sink
+        self.rank, self.sink, self.asynchronous = rank, sink, asynchronous
+        self.staging_prefix = staging_prefix
+        self.summary = summary  # () -> the optimizer state's sums, logged with each save
 
     def on_save(self, args, state, control, **kwargs):
         import transformers.trainer
+        from ray.train import CheckpointUploadMode
 
         metrics: dict[str, Any] = {}
         for entry in state.log_history:
             metrics.update(entry)
         metrics["step"] = state.global_step
         src = transformers.trainer.get_last_checkpoint(args.output_dir)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if src is not None:
-                dst = Path(tmp, self.CHECKPOINT_NAME)
-                for f in Path(src).rglob("*"):
-                    rel = f.relative_to(src).as_posix()
-                    if f.is_file() and owned_by(rel) == self.rank:
-                        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(f, dst / rel)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics=metrics, checkpoint=checkpoint)  # every rank reports
+        checkpoint, staging = None, None
         if src is not None:
-            shutil.rmtree(src, ignore_errors=True)  # Ray Train holds it now
+            # In the temp folder like HF's scratch (same disk: the files are moved, not copied),
+            # not inside it: train_func removes that on return, while the last upload may run on.
+            staging = tempfile.mkdtemp(prefix=f"{self.staging_prefix}{state.global_step}_")
+            dst = Path(staging, self.CHECKPOINT_NAME)
+            for f in sorted(Path(src).rglob("*")):
+                rel = f.relative_to(src).as_posix()
+                if f.is_file() and owned_by(rel) == self.rank:
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(f), dst / rel)
+            checkpoint = ray.train.Checkpoint.from_directory(staging)
+        summary = self.summary() if self.summary is not None else None  # collective: all ranks
+        if summary is not None and self.rank == 0 and self.sink is not None:
+            self.sink.log.remote({"event": "optimizer_state", "phase": "save", "step": state.global_step, **summary})
+        mode = CheckpointUploadMode.ASYNC if self.asynchronous else CheckpointUploadMode.SYNC
+        # Every rank reports; Ray Train deletes the staging folder once it is uploaded.
+        ray.train.report(metrics=metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
+        if src is not None:
+            shutil.rmtree(src, ignore_errors=True)  # what is left of HF's folder: files of other ranks
         left = [p.name for p in Path(args.output_dir).glob("checkpoint-*")]
         if self.sink is not None:  # what stays on this rank's disk: nothing, when cleanup works
             self.sink.log.remote({"event": "scratch", "rank": self.rank, "step": state.global_step, "left": left})
@@ -114,10 +129,13 @@ class RankAwareReportCallback(RayTrainReportCallback):
 class ProgressCallback(TrainerCallback):
     """Progress line + metrics events (rank 0), digests, stream counts and heartbeats (all ranks)."""
 
-    def __init__(self, config: dict[str, Any], rank: int, world: int, tokens_per_step: int):
+    def __init__(self, config: dict[str, Any], rank: int, world: int, tokens_per_step: int,
+                 accumulation: Optional[int] = None):
         from training.train.metrics import Throughput
 
         self.config, self.rank, self.world = config, rank, world
+        self.accumulation = accumulation or int(config.get("gradient_accumulation_steps", 1))
+        self.summary: Any = None  # () -> optimizer_state_summary (collective), set by train_func
         self.sink = config.get("sink")
         self.max_steps = int(config["max_steps"])
         self.meter = Throughput(0, self.max_steps, tokens_per_step)
@@ -143,6 +161,9 @@ class ProgressCallback(TrainerCallback):
         self.meter = Throughput(state.global_step, self.max_steps, self.tokens_per_step)
         self.emit({"event": "param_digest", "phase": "begin", "rank": self.rank, "step": state.global_step,
                    "digest": param_digest(model)})
+        summary = self.summary() if self.summary is not None else None  # collective: all ranks
+        if summary is not None and self.rank == 0:
+            self.emit({"event": "optimizer_state", "phase": "begin", "step": state.global_step, **summary})
         if self.rank == 0:
             engine = getattr(self.trainer, "deepspeed", None) or getattr(self.trainer, "model_wrapped", None)
             stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
@@ -150,9 +171,10 @@ class ProgressCallback(TrainerCallback):
             compiled = bool(getattr(engine, "_is_compiled", False))
             dtype = str(next(model.parameters()).dtype).replace("torch.", "") if model is not None else None
             self.emit({"event": "attempt_start", "start_step": state.global_step, "max_steps": self.max_steps,
-                       "world_size": self.world, "zero_stage": stage, "compiled": compiled, "param_dtype": dtype})
+                       "world_size": self.world, "gradient_accumulation_steps": self.accumulation,
+                       "micro_batch_size": args.per_device_train_batch_size, "zero_stage": stage, "compiled": compiled, "param_dtype": dtype})
             say(f"[train] rank 0 of {self.world}: starting at step {state.global_step}/{self.max_steps}, "
-                f"{self.tokens_per_step:,} tokens per step")
+                f"{self.tokens_per_step:,} tokens per step (grad-accum {self.accumulation})")
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.beat()
