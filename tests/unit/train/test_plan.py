@@ -109,6 +109,10 @@ def test_resume_takes_the_saved_worker_count_or_refuses_another():
     ("auto", True, None, "fp16"),                                    # no probe: never guess bf16
     ("bf16", False, None, "bf16"),
     ("fp32", True, {"cuda": True, "bf16_native": True}, "fp32"),
+    ("auto", False, {"cpu_bf16_native": True}, "bf16"),              # Zen 4, Sapphire Rapids
+    ("auto", False, {"cpu_bf16_native": False}, "fp32"),             # Zen 3, Ice Lake: bf16 on a slow path
+    ("auto", True, {"cuda": True, "bf16_native": False, "cpu_bf16_native": True}, "fp16"),  # the GPU decides
+    ("fp32", False, {"cpu_bf16_native": True}, "fp32"),
 ])
 def test_precision_is_decided_from_what_the_workers_gpu_has(requested, use_gpu, probe, chosen):
     assert choose_precision(requested, use_gpu, probe) == chosen
