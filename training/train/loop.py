@@ -187,12 +187,18 @@ def train_func(config: dict[str, Any]) -> None:
     tokens_per_step = int(config["global_batch_size"]) * config["context_length"]
     if config.get("sink") is not None:
         config["sink"].beat.remote()  # the worker group is up
+    from training import log_noise
+
+    log_noise.worker_setup(bool(config.get("verbose")), bool(config.get("use_gpu")))  # before DeepSpeed loads
     if not config.get("use_gpu"):
         skip_deepspeed_shm_op()
 
     # 1. The same initial weights on every rank.
     torch.manual_seed(config["train"]["seed"])
     model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
+    # GPT2LMHeadModel's class name does not end in ForCausalLM, so transformers 5 warns that
+    # it guesses ForCausalLM's loss: that loss, named.
+    model.loss_type = "ForCausalLM"
 
     # 2. HF Trainer over this worker's shard, logging and checkpointing through Ray Train.
     out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
