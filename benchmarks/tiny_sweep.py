@@ -163,7 +163,7 @@ def train_one(c: dict, run: str, precision: str, global_batch: int, warmup: int,
     completions = greedy_completions(model, tok, prompts)
     healed = greedy_completions(model, tok, prompts, healing=True)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {**c, "precision": precision, "parameters": n_params, "epochs": round(c["steps"] * global_batch / len(train), 2),
+    return {**c, "precision": precision, "vocab_size": len(tok), "parameters": n_params, "epochs": round(c["steps"] * global_batch / len(train), 2),
             "tokens": c["steps"] * global_batch * ctx, "tokens_per_s_1_thread": round(c["steps"] * global_batch * ctx / train_s, 1),
             "curve": curve, "final_eval_loss": curve[-1]["eval_loss"],
             "looks_like_code": sum(map(looks_like_code, completions)), "of": len(completions),
