@@ -2,8 +2,9 @@
 benchmarks/train.py, for the distributed job's workers and for the course's single process.
 
 Exclusive wall time per part (a part nested in another is not counted twice):
-- `data`: waiting for the next batch from Ray Data's iterator (the distributed run) or the
-  map-style DataLoader (the single process);
+- `data`: waiting for the next batch from Ray Data's iterator (the distributed run), or the
+  map-style dataset's item reads and the collator (the single process, whose DataLoader runs
+  in the training process);
 - `forward`: `Trainer.compute_loss`;
 - `backward`: `accelerator.backward`, less what is listed below (under DeepSpeed it also runs
   the engine's gradient bookkeeping and `engine.step()`);
@@ -109,7 +110,6 @@ def _patch_deepspeed_comm(timers: StepTimers) -> None:
 
 def attach(trainer: Any, ray_stream: bool = True) -> StepTimers:
     """Time the parts of every step of `trainer` (before trainer.train())."""
-    import torch
     from transformers import TrainerCallback
 
     timers = StepTimers()
@@ -131,32 +131,16 @@ def attach(trainer: Any, ray_stream: bool = True) -> StepTimers:
         if timers.stack:
             timers.stack[-1][2] += spent
 
-    hooks = [torch.optim.optimizer.register_optimizer_step_pre_hook(pre),
-             torch.optim.optimizer.register_optimizer_step_post_hook(post)]
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
     del opt_start
     if ray_stream:
         trainer.train_dataset = timed_iterable(trainer.train_dataset, timers)
-    else:  # a map-style dataset: time the DataLoader's iterator instead
-        get = trainer.get_train_dataloader
-
-        def get_train_dataloader():
-            loader = get()
-            orig_iter = loader.__class__.__iter__
-
-            class Timed(loader.__class__):  # type: ignore[misc, valid-type]
-                def __iter__(self):
-                    it = orig_iter(self)
-                    nxt = timers.wrap("data", it.__next__)
-                    while True:
-                        try:
-                            yield nxt()
-                        except StopIteration:
-                            return
-
-            loader.__class__ = Timed
-            return loader
-
-        trainer.get_train_dataloader = get_train_dataloader
+    else:  # a map-style dataset in this process: its item reads and the collator are the wait
+        cls = type(trainer.train_dataset)
+        cls.__getitem__ = timers.wrap("data", cls.__getitem__)
+        trainer.data_collator = timers.wrap("data", trainer.data_collator)
 
     class StepEnd(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
