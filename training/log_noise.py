@@ -124,6 +124,11 @@ def export_output() -> Iterator[None]:
         yield
         return
     buf = io.StringIO()
+    # The export reads the ZeRO shards on the driver's CPU: name DeepSpeed's accelerator there
+    # rather than let it guess with a warning (a driver with CUDA detects it silently).
+    named = "DS_ACCELERATOR" not in os.environ and not _has_cuda()
+    if named:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     patched = _quiet_zero_to_fp32_bar()
     try:
         with contextlib.redirect_stdout(buf):
@@ -134,6 +139,17 @@ def export_output() -> Iterator[None]:
     finally:
         if patched is not None:
             patched[0].tqdm = patched[1]
+        if named:
+            os.environ.pop("DS_ACCELERATOR", None)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def _quiet_zero_to_fp32_bar():
