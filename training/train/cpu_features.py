@@ -46,3 +46,26 @@ def bf16_native(flags: Iterable[str]) -> bool:
 def speed_flags(flags: Iterable[str]) -> list[str]:
     have = set(flags)
     return [f for f in SPEED_FLAGS if f in have]
+
+
+def core_for(local_rank: int, local_world: int, allowed: Iterable[int]) -> int | None:
+    """The core a CPU worker's threads are pinned to: its own, when every worker on the node
+    can have one (else None: leave the OS to place them). Unpinned, two 1-thread workers on 2
+    cores ran their steps measurably slower than pinned ones, the OS moving them between the
+    cores that Ray's own processes also use (benchmarks/RESULTS.md, train: weak scaling)."""
+    cores = sorted(allowed)
+    if local_world < 1 or local_world > len(cores) or not 0 <= local_rank < local_world:
+        return None
+    return cores[local_rank * (len(cores) // local_world)]
+
+
+def pin_to_core(local_rank: int, local_world: int) -> int | None:
+    """Pin this process to `core_for` its rank (Linux); returns the core, or None."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    core = core_for(local_rank, local_world, os.sched_getaffinity(0))
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    return core

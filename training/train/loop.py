@@ -192,6 +192,9 @@ def train_func(config: dict[str, Any]) -> None:
     log_noise.worker_setup(bool(config.get("verbose")), bool(config.get("use_gpu")))  # before DeepSpeed loads
     if not config.get("use_gpu"):
         skip_deepspeed_shm_op()
+        from training.train.cpu_features import pin_to_core
+
+        pin_to_core(ctx.get_local_rank(), ctx.get_local_world_size())  # its own core, if each worker has one
 
     # 1. The same initial weights on every rank.
     torch.manual_seed(config["train"]["seed"])

@@ -34,3 +34,13 @@ def test_the_first_processors_model_and_flags_are_read():
 
 def test_a_machine_without_proc_cpuinfo_assumes_no_native_bf16(tmp_path):
     assert read_cpuinfo(str(tmp_path / "missing")) == {"model": "", "flags": []}
+
+
+def test_each_cpu_worker_gets_a_core_of_its_own_or_none():
+    from training.train.cpu_features import core_for
+
+    assert [core_for(r, 2, {0, 1}) for r in range(2)] == [0, 1]
+    assert [core_for(r, 2, range(8)) for r in range(2)] == [0, 4]  # spread over the allowed cores
+    assert [core_for(r, 2, {3, 5}) for r in range(2)] == [3, 5]  # only cores the process may use
+    assert core_for(0, 3, {0, 1}) is None  # more workers than cores: the OS places them
+    assert core_for(2, 2, {0, 1}) is None
