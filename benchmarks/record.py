@@ -86,11 +86,15 @@ def headline(r: dict) -> str:
         keys = ["precision", "steps", "repeats"] + [
             f"{v}.{k}" for v in ("eager", "compile") if v in r
             for k in ("median_ratio", "ratio_range", "median_tokens_per_s.distributed",
-                      "median_mfu_of_fp32_matmul", "median_final_eval_loss")]
+                      "median_mfu_of_fp32_matmul", "median_final_eval_loss")] + [
+            "weak_scaling.efficiency", "weak_scaling.one_worker_tokens_per_s", "weak_scaling.n_workers_tokens_per_s"]
     elif name == "serve":
         keys = ["ingress", "repeats", "checkpoint_source"] + [f"targets.{t}.value" for t in r.get("targets", {})]
         keys += ["targets.sampled_over_greedy_tokens_per_s_c32_64.ending_at_eos.value",
                  "direct_over_proxy.sampled_16_c32", "meets_targets"]
+    elif name == "tiny_sweep":
+        keys = ["precision", "best", "best_final_eval_loss", "best_looks_like_code", "best_looks_like_code_healed",
+                "wall_s"]
     elif name == "fim":
         keys = ["model", "runs.fim_rate_0.final_eval_loss_l2r", "runs.fim_rate_0.5.final_eval_loss_l2r",
                 "l2r_eval_loss_delta", "problems"]

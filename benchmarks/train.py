@@ -10,6 +10,12 @@ model's FLOPs per second (6 x non-position parameters + attention, per token) by
 
     .venv/bin/python benchmarks/train.py [--steps 40] [--files 120] [--repeats 3]
 
+Each run also reports where a step's time goes (`step_ms`: data, forward, backward, comm,
+optimizer, callbacks, other; benchmarks/step_profile.py), and, unless `--weak-scaling off`,
+the weak-scaling efficiency: tokens/s of N workers with 1 core each over N x the tokens/s of
+one worker with 1 core (each worker's threads pinned to a core of its own, the same
+micro-batch per worker), the figure that carries to many nodes.
+
 Runs `--repeats` pairs (all single-process runs first: no fork after Ray starts), pairs
 them in order and prints one JSON line with every pair, the median ratio and its range.
 `--compile both` (the default) runs the distributed job eager and torch.compiled in turn,
@@ -28,6 +34,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The step profiler is a training plugin: the local cluster's workers import it from here.
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (HERE, os.environ.get("PYTHONPATH")) if x)
+PIN_ENV = "BENCH_PIN_CORES"
 
 
 def matmul_gflops(dtype_name: str = "float32", n: int = 2048, reps: int = 10) -> float:
@@ -91,6 +101,8 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
         def on_step_end(self, args, state, control, **kw):
             meter.step_done(state.global_step)
 
+    from step_profile import attach
+
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.data, load_tokenizer(prepared.tokenizer_dir))
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,11 +116,41 @@ def single_process(prepared, cfg, global_batch: int, steps: int) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=Chunks(chunks(prepared.train_dir)),
                           eval_dataset=Chunks(chunks(prepared.valid_dir)), data_collator=default_data_collator,
                           callbacks=[Timer()])
+        timers = attach(trainer, ray_stream=False)
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {"tokens_per_s": meter.steady_tokens_per_s(), "final_train_loss": losses[-1], "final_eval_loss": eval_loss,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "step_ms": timers.summary()}
+
+
+def distributed(cfg, prepared, workers: int, output: str) -> tuple[dict, dict]:
+    """One run of the job; (run.json, the steady tokens/s and rank 0's step profile)."""
+    from training.train.job import run_job
+
+    cfg.train.num_workers = workers
+    cfg.train.global_batch_size = workers * cfg.train.micro_batch_size
+    cfg.output = output
+    summary = run_job(cfg, prepared=prepared)
+    events = [json.loads(x) for x in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    steady = [e["steady_tokens_per_s"] for e in events if e.get("event") == "attempt_end"][-1]
+    profile = [e for e in events if e.get("event") == "step_profile"]
+    step = {k: v for k, v in profile[-1].items() if k.endswith("_ms") or k == "steps"} if profile else None
+    return summary, {"tokens_per_s": steady, "step_ms": step}
+
+
+def weak_scaling(cfg, prepared, workers: int, out: Path) -> dict:
+    """N workers x 1 core against one worker x 1 core, each pinned to its own core."""
+    os.environ[PIN_ENV] = "1"
+    try:
+        _, one = distributed(cfg, prepared, 1, str(out / "weak_1"))
+        _, n = distributed(cfg, prepared, workers, str(out / f"weak_{workers}"))
+    finally:
+        os.environ.pop(PIN_ENV, None)
+    eff = round(n["tokens_per_s"] / (workers * one["tokens_per_s"]), 3) if n["tokens_per_s"] and one["tokens_per_s"] else None
+    return {"workers": workers, "efficiency": eff, "one_worker_tokens_per_s": one["tokens_per_s"],
+            "n_workers_tokens_per_s": n["tokens_per_s"], "one_worker_step_ms": one["step_ms"],
+            "n_workers_step_ms": n["step_ms"]}
 
 
 def checkpoint_cost(a) -> None:
@@ -164,30 +206,36 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--files", type=int, default=120, help="standard-library files in the corpus")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                    help="precision of the distributed run (the single process stays fp32)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="precision of the distributed run, auto as the job decides it (bf16 where the CPU has "
+                         "native bf16); the single process stays fp32, the course recipe's")
     ap.add_argument("--compile", default="both", choices=["off", "on", "both"],
                     help="torch.compile the distributed run's model: off, on, or both in turn, each paired "
                          "with the same single-process run (the single process stays eager)")
     ap.add_argument("--output", default=None, help="run folder (default: a temporary one)")
     ap.add_argument("--repeats", type=int, default=3, help="paired runs; the median ratio is reported")
+    ap.add_argument("--weak-scaling", default="on", choices=["on", "off"])
     ap.add_argument("--checkpoint-cost", action="store_true",
                     help="measure instead what a checkpoint save costs a step, sync vs async upload")
     ap.add_argument("--save-every", type=int, default=5, help="with --checkpoint-cost: steps between saves")
     a = ap.parse_args()
     if a.checkpoint_cost:
         return checkpoint_cost(a)
+    os.environ["CODECOMPLETE_TRAIN_PLUGINS"] = "step_profile"
 
     from short_job import short_tiny_job
 
     from training.data.pipeline import prepare_data
     from training.data.tokenizer import load_tokenizer
-    from training.train.job import run_job
+    from training.train.cpu_features import bf16_native, read_cpuinfo
     from training.train.model import gpt2_config
+    from training.train.plan import choose_precision
 
     out = Path(a.output or tempfile.mkdtemp(prefix="bench_train_"))
     cfg = short_tiny_job(str(out / "run"), a.files, a.workers, a.steps)
-    cfg.train.precision = a.precision
+    # What the job's auto picks on this machine's CPU (the workers run here)
+    precision = choose_precision(a.precision, False, {"cpu_bf16_native": bf16_native(read_cpuinfo()["flags"])})
+    cfg.train.precision = precision
     cfg.train.global_batch_size = a.workers * cfg.train.micro_batch_size
     cfg.validate()
 
@@ -200,10 +248,10 @@ def main() -> None:
                           cfg.data.context_length)
     peak_fp32 = matmul_gflops("float32")
     # Only where asked: CPUs without avx512_bf16/AMX run bf16 matmuls on a slow reference path.
-    peak_bf16 = matmul_gflops("bfloat16", n=1024, reps=3) if a.precision == "bf16" else None
+    peak_bf16 = matmul_gflops("bfloat16", n=1024, reps=3) if precision == "bf16" else None
     global_batch = cfg.train.global_batch_size
     singles = [single_process(prepared, cfg, global_batch, a.steps) for _ in range(a.repeats)]
-    peak = peak_bf16 if a.precision == "bf16" else peak_fp32
+    peak = peak_bf16 if precision == "bf16" else peak_fp32
 
     def mfu(tps, peak_gflops):
         return round(tps * fpt / (peak_gflops * 1e9), 4) if tps else None
@@ -214,12 +262,10 @@ def main() -> None:
         for compiled in variants:  # interleaved, so a slow spell of the machine hits both alike
             name = "compile" if compiled else "eager"
             cfg.train.compile = compiled
-            cfg.output = str(out / f"run{i}_{name}")
-            summary = run_job(cfg, prepared=prepared)
-            ends = [json.loads(x) for x in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
-            steady = [e["steady_tokens_per_s"] for e in ends if e.get("event") == "attempt_end"][-1]
+            summary, run = distributed(cfg, prepared, a.workers, str(out / f"run{i}_{name}"))
+            steady = run["tokens_per_s"]
             pairs[name].append({
-                "distributed": {"tokens_per_s": steady, "mfu": mfu(steady, peak),
+                "distributed": {"tokens_per_s": steady, "step_ms": run["step_ms"], "mfu": mfu(steady, peak),
                                 "mfu_of_fp32_matmul": mfu(steady, peak_fp32), "zero_stage": summary["zero_stage"],
                                 "final_train_loss": summary["final_train_loss"],
                                 "final_eval_loss": summary["final_eval_loss"]},
@@ -245,12 +291,16 @@ def main() -> None:
             "pairs": runs,
         }
 
+    cfg.train.compile = False
+    weak = weak_scaling(cfg, prepared, a.workers, out) if a.weak_scaling == "on" else None
+
     print(json.dumps({
         "benchmark": "train",
         "model": f"gpt2 {cfg.model.n_layer}x{cfg.model.n_embd}, vocab {cfg.data.vocab_size}, ctx {cfg.data.context_length}",
         "steps": a.steps, "global_batch": global_batch, "tokens_per_step": global_batch * cfg.data.context_length,
-        "workers": a.workers, "precision": a.precision, "repeats": a.repeats,
+        "workers": a.workers, "precision": precision, "repeats": a.repeats,
         **{name: summary_of(runs) for name, runs in pairs.items()},
+        "weak_scaling": weak,
         "matmul_gflops": {"fp32": round(peak_fp32, 1), "bf16": round(peak_bf16, 1) if peak_bf16 else None},
         "flops_per_token": fpt,
         "cores": os.cpu_count(),

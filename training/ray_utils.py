@@ -32,7 +32,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, **kw
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs.setdefault("log_to_driver", True)
     kwargs.setdefault("configure_logging", True)
-    kwargs.setdefault("logging_level", "WARNING")
+    from training import log_noise
+
+    kwargs.setdefault("logging_level", "INFO" if log_noise.verbose() else "WARNING")
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -44,5 +46,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, **kw
         path = os.environ.get("PYTHONPATH", "")
         if repo_root not in path.split(os.pathsep):
             os.environ["PYTHONPATH"] = repo_root + (os.pathsep + path if path else "")
-        ray.init(num_cpus=num_cpus or local_cpu_budget(), include_dashboard=False, **kwargs)
+        # The dashboard hosts the State API. Ray Train's PlacementGroupCleaner asks it every
+        # second whether the controller lives (to free the workers' placement group if the
+        # driver dies); without it every query failed and logged a warning.
+        kwargs.setdefault("include_dashboard", True)
+        ray.init(num_cpus=num_cpus or local_cpu_budget(), **kwargs)
     return ray.cluster_resources()

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    from training import log_noise
+
+    log_noise.configure(cfg.verbose)  # before Ray starts: a local cluster inherits it
     try:
         if args.prepare_only:
             from training.data.pipeline import prepare_data

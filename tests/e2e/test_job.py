@@ -36,7 +36,8 @@ def tiny_args(corpus: Path, out: Path, max_steps: int = 6, every: int = 2) -> li
     return ["--preset", "tiny", "--corpus", str(corpus), "--output", str(out), "--vocab-size", "1000",
             "--tokenizer-train-files", "40", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
             "--global-batch-size", "16", "--micro-batch-size", "8", "--max-steps", str(max_steps), "--eval-steps", str(every),
-            "--save-steps", str(every), "--logging-steps", "1", "--warmup-steps", "2", "--valid-fraction", "0.1"]
+            "--save-steps", str(every), "--logging-steps", "1", "--warmup-steps", "2", "--valid-fraction", "0.1",
+            "--precision", "fp32"]  # the preset's auto is bf16 on some CPUs; these tests check fp32 maths
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 1100) -> subprocess.CompletedProcess:

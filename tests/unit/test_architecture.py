@@ -141,3 +141,12 @@ def test_only_entry_scripts_edit_sys_path(module):
     if rel in ENTRY_SCRIPTS:
         return
     assert "sys.path" not in MODULES[module].read_text(encoding="utf-8"), rel
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by their base name (tests/ folders have no __init__.py), so
+    two test files of one name in different folders stop the whole suite at collection."""
+    from collections import Counter
+
+    names = Counter(f.name for f in (REPO_ROOT / "tests").rglob("test_*.py"))
+    assert not [n for n, k in names.items() if k > 1], sorted(n for n, k in names.items() if k > 1)

@@ -272,9 +272,10 @@ class TrainConfig:
     uploaded. False: each save blocks until its upload is done."""
 
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPUs. bf16 on CPU
-    workers runs DeepSpeed's bf16 engine (fp32 master weights): fast only on CPUs with
-    avx512_bf16 or AMX (docs/training.md)."""
+    """auto: bf16 on GPUs that have it natively, else fp16; on CPUs bf16 where every worker's
+    CPU has native bf16 (avx512_bf16 or AMX in /proc/cpuinfo), else fp32. bf16 on CPU workers
+    runs DeepSpeed's bf16 engine (fp32 master weights); elsewhere it is slower than fp32
+    (docs/training.md)."""
 
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (Inductor; needs a C++ compiler on
@@ -373,6 +374,11 @@ class JobConfig(Config):
 
     output: str = "runs/default"
     """Where the run writes: tokenizer/, data/, model/, metrics.jsonl, loss.png, run.json."""
+
+    verbose: bool = False
+    """Print what the libraries log (Ray's INFO lines, Ray Data's progress bars, every worker's
+    line undeduplicated, warnings known to be harmless, DeepSpeed's export prints). Off: the
+    job's own lines and every warning or error that may matter (training/log_noise.py)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -79,8 +79,12 @@ def export_model(checkpoint: Any, tokenizer_dir: str | Path, out_dir: str | Path
     return out
 
 
-def smoke_generate(model_dir: str | Path, prompt: str = "def fibonacci(n):\n", max_new_tokens: int = 24) -> str:
-    """Load the folder the way a user will (pipeline) and complete a prompt: proves it serves."""
+def smoke_generate(model_dir: str | Path, prompt: str = "def fibonacci(n):", max_new_tokens: int = 24) -> str:
+    """Load the folder the way a user will (pipeline) and complete a prompt greedily: proves it
+    serves. The prompt ends before the newline: the byte-level BPE merges a newline with the
+    next line's indentation ("\n   " + " return"), so a prompt ending in a bare "\n" hands the
+    model a token it saw only before blank or unindented lines, and a small model answers with
+    blank lines (benchmarks/tiny_sweep.py counts both ways)."""
     from transformers import pipeline
 
     gen = pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir), device="cpu")

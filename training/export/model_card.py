@@ -103,7 +103,7 @@ def body(config: dict[str, Any], run: dict[str, Any], stats: dict[str, Any],
         "from transformers import pipeline",
         "",
         "complete = pipeline(\"text-generation\", model=\"PATH_OR_HUB_ID\")",
-        "print(complete(\"def fibonacci(n):\\n\", max_new_tokens=32, do_sample=False)[0][\"generated_text\"])",
+        "print(complete(\"def fibonacci(n):\", max_new_tokens=32, do_sample=False)[0][\"generated_text\"])",
         "```",
         "",
     ]

@@ -105,6 +105,9 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     """Data stage -> TorchTrainer(HF Trainer + DeepSpeed) -> OUTPUT/model + run.json."""
     t0 = time.time()
     t = cfg.train
+    from training import log_noise
+
+    log_noise.configure(cfg.verbose)
     if t.resume and Path(t.resume).resolve() != Path(cfg.output).resolve():
         print(f"[job] --resume {t.resume}: continuing in that folder (output={t.resume})", flush=True)
         cfg.output = t.resume
@@ -118,7 +121,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
     check_batch(cfg)  # an explicit worker count (or range) that cannot keep the global batch: before any data
 
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.export.checkpoint import export_model, pick_checkpoint, smoke_generate, summarize, write_json
@@ -168,7 +171,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
 
     n_params = count_parameters(GPT2LMHeadModel(model_config))
     print(f"[job] model: GPT-2 {cfg.model.n_layer}x{cfg.model.n_embd}, {n_params / 1e6:.2f} M parameters, "
-          f"vocab {model_config.vocab_size}, {precision}{' on ' + ', '.join(gpus['gpus']) if gpus['gpus'] else ''}; "
+          f"vocab {model_config.vocab_size}, {precision} on {', '.join(gpus['gpus'] or gpus['cpus']) or 'CPU'}; "
           f"{prepared.stats['chunks_train']:,} train chunks -> {plan.max_steps} steps of {plan.global_batch_size} "
           f"sequences ({accumulation_line(plan)}); run {run_name} in {storage}", flush=True)
 
@@ -187,8 +190,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         "sink": sink,
         "output": str(out.root),
         "plugins": plugins,
+        "verbose": cfg.verbose,
     }
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
+    log_noise.quiet_data_context()  # the streams' coordinators report at INFO, not in tqdm bars
     seed = t.seed if t.shuffle_buffer else None  # shuffle 0: file order, as the tests need
     streams = {"train": chunk_stream(prepared.train_dir, plan.read_cpus, seed),
                "valid": chunk_stream(prepared.valid_dir, plan.read_cpus)}
@@ -212,6 +217,7 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=t.max_failures,
                                          max_preemption_failures=t.max_preemption_failures,
                                          preemption_grace_s=t.preemption_grace_s),
+            logging_config=LoggingConfig(log_level=log_noise.train_log_level()),
         ),
     )
     try:
@@ -224,9 +230,10 @@ def run_job(cfg: JobConfig, prepared: Optional[Any] = None) -> dict[str, Any]:
         raise
 
     checkpoint, ck_metrics = pick_checkpoint(result)
-    model_dir = export_model(checkpoint, prepared.tokenizer_dir, out.model,
-                             fim_rate=cfg.data.fim_rate, fim_spm_rate=cfg.data.fim_spm_rate)
-    sample = smoke_generate(model_dir)
+    with log_noise.export_output():
+        model_dir = export_model(checkpoint, prepared.tokenizer_dir, out.model,
+                                 fim_rate=cfg.data.fim_rate, fim_spm_rate=cfg.data.fim_spm_rate)
+        sample = smoke_generate(model_dir)
     events = read_metrics(out.metrics)
     plot_loss(events, out.loss_plot, title=f"{cfg.preset}: {plan.workers} workers, ZeRO-2")
     summary = summarize(

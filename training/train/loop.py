@@ -245,12 +245,21 @@ def train_func(config: dict[str, Any]) -> None:
     accumulation = accumulation_steps(int(config["global_batch_size"]), config["train"]["micro_batch_size"], world)
     if config.get("sink") is not None:
         config["sink"].beat.remote()  # the worker group is up
+    from training import log_noise
+
+    log_noise.worker_setup(bool(config.get("verbose")), bool(config.get("use_gpu")))  # before DeepSpeed loads
     if not config.get("use_gpu"):
         skip_deepspeed_shm_op()
+        from training.train.cpu_features import pin_to_core
+
+        pin_to_core(ctx.get_local_rank(), ctx.get_local_world_size())  # its own core, if each worker has one
 
     # 1. The same initial weights on every rank.
     torch.manual_seed(config["train"]["seed"])
     model = GPT2LMHeadModel(GPT2Config.from_dict(config["model_config"]))
+    # GPT2LMHeadModel's class name does not end in ForCausalLM, so transformers 5 warns that
+    # it guesses ForCausalLM's loss: that loss, named.
+    model.loss_type = "ForCausalLM"
 
     out_dir = scratch_dir(config["run_name"], rank)  # private: HF thinks each rank is rank 0
     for stale in stale_uploads(config["run_name"], rank):  # an earlier attempt here died mid-upload

@@ -213,14 +213,17 @@ def plan_for_resume(cfg: JobConfig, state: dict[str, Any]) -> Any:
 
 
 def choose_precision(requested: str, use_gpu: bool, probe: Optional[dict[str, Any]] = None) -> str:
-    """fp32 on CPUs; on GPUs bf16 where the GPU has it natively, else fp16.
+    """On GPUs bf16 where the GPU has it natively, else fp16; on CPUs bf16 where every
+    worker's CPU has native bf16 (avx512_bf16 or AMX: `cpu_features.bf16_native`), else fp32.
 
-    probe: what a training worker found on its own GPU (`probe_worker`): the driver often runs
-    on a head without GPUs, so its own torch.cuda says nothing about the workers'. bf16 is
-    chosen only on native support (`including_emulation=False`): V100/T4 emulate it slowly."""
+    probe: what the training workers found on their own machines (`preflight.gpu_probe`): the
+    driver often runs on a head without GPUs, or on another CPU than the workers, so its own
+    torch.cuda and /proc/cpuinfo say nothing about theirs. bf16 is chosen only on native
+    support (`including_emulation=False`): V100/T4 emulate it slowly, and a CPU without the
+    instructions runs bf16 matmuls on a slow reference path."""
     if requested != "auto":
         return requested
-    if not use_gpu:
-        return "fp32"
     probe = probe or {}
+    if not use_gpu:
+        return "bf16" if probe.get("cpu_bf16_native") else "fp32"
     return "bf16" if probe.get("cuda") and probe.get("bf16_native") else "fp16"

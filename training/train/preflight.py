@@ -4,6 +4,7 @@ The driver often runs on a head without GPUs, and on another machine than the wo
 So one probe task per planned worker, shaped like a worker (same CPU/GPU reservation,
 spread over the nodes), reports:
 - its GPU: CUDA present, bf16 native (not emulated: V100/T4 only emulate it);
+- its CPU: model and flags, and whether bf16 is native there (avx512_bf16 or AMX);
 - whether it sees the prepared data the driver wrote, and can write to the checkpoint
   storage and read back a token the driver wrote there.
 A head-local output folder is then an error in seconds, not at the first checkpoint
@@ -26,12 +27,18 @@ def _probe(read_paths: list[str], storage: str, token: str) -> dict[str, Any]:
     import ray
     import torch
 
+    from training.train.cpu_features import bf16_native, read_cpuinfo, speed_flags
+
+    cpu = read_cpuinfo()
     cuda = torch.cuda.is_available()
     result: dict[str, Any] = {
         "node": ray.get_runtime_context().get_node_id(),
         "cuda": cuda,
         "bf16_native": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
         "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+        "cpu_model": cpu["model"],
+        "cpu_flags": speed_flags(cpu["flags"]),
+        "cpu_bf16_native": bf16_native(cpu["flags"]),
         "missing": [p for p in read_paths if not os.path.exists(p)],
         "storage_ok": True,
     }
@@ -77,7 +84,9 @@ def check_probes(results: list[dict[str, Any]], storage: str, output: str) -> No
 
 
 def gpu_probe(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """What all workers have in common: bf16 only when every worker has it natively."""
+    """What all workers have in common: bf16 (GPU or CPU) only when every worker has it natively."""
     return {"cuda": all(r["cuda"] for r in results) if results else False,
             "bf16_native": all(r["bf16_native"] for r in results) if results else False,
-            "gpus": sorted({r["gpu_name"] for r in results if r.get("gpu_name")})}
+            "gpus": sorted({r["gpu_name"] for r in results if r.get("gpu_name")}),
+            "cpu_bf16_native": all(r.get("cpu_bf16_native", False) for r in results) if results else False,
+            "cpus": sorted({r["cpu_model"] for r in results if r.get("cpu_model")})}

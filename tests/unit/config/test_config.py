@@ -29,8 +29,10 @@ def test_flags_override_preset_and_coerce_types():
     assert cfg.train.max_steps == 7 and cfg.train.use_gpu is False
     assert cfg.data.keywords == ["pandas", "sklearn"] and cfg.data.dedup is True
     assert cfg.train.learning_rate == 1e-3 and cfg.output == "somewhere"
-    _, default = parse([])
-    assert default.train.use_gpu is None and default.train.max_steps is None
+    _, default = parse([])  # the tiny preset's values where no flag is given
+    assert default.train.use_gpu is None and default.train.max_steps == JobConfig.from_preset("tiny").train.max_steps
+    _, gpt2 = parse(["--preset", "gpt2-small"])
+    assert gpt2.train.max_steps is None  # the course recipe: one epoch
 
 
 @pytest.mark.parametrize("argv, field", [

@@ -46,7 +46,7 @@ def test_card_has_hub_metadata_and_every_section(tmp_path, tiny_checkpoint):
                     "## Evaluation"):
         assert section in text
     for fact in ("exact-duplicate removal", "keyword filter (pandas, sklearn)", "too_large: 30", "vocabulary 4,096",
-                 "2 layers, 2 heads, width 128", "1,234,567 parameters", "32 x 1 x 2", "0.002, cosine, warmup 30",
+                 "2 layers, 2 heads, width 128", "1,234,567 parameters", "32 x 1 x 2", "0.003, cosine, warmup 30",
                  "| final eval loss | 3.7200 |", "2 CPU worker(s), DeepSpeed ZeRO stage 2", "5845.2 tokens/s",
                  "Not evaluated yet"):
         assert fact in text, fact

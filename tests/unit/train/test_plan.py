@@ -78,7 +78,10 @@ def test_gpt2_small_keeps_the_recipes_batch_and_schedule_on_1_2_and_8_workers():
 def test_tiny_keeps_64_and_a_batch_that_does_not_divide_is_refused():
     cfg = JobConfig.from_preset("tiny")
     p = plan_batch(cfg, {"chunks_train": 6400, "chunks_valid": 10}, plan_workers(cfg, cap(2)))
-    assert (p.global_batch_size, p.micro_batch_size, p.gradient_accumulation_steps, p.max_steps) == (64, 32, 1, 100)
+    assert (p.global_batch_size, p.micro_batch_size, p.gradient_accumulation_steps) == (64, 32, 1)
+    assert p.max_steps == cfg.train.max_steps  # the preset fixes its steps (configs/tiny.yaml)
+    cfg.train.max_steps = None  # else one epoch
+    assert plan_batch(cfg, {"chunks_train": 6400, "chunks_valid": 10}, plan_workers(cfg, cap(2))).max_steps == 100
     assert accumulation_steps(256, 32, 1) == 8
     with pytest.raises(ConfigError, match=r"train.global_batch_size=192: not divisible by .* = 256; use --micro-batch-size 24"):
         accumulation_steps(192, 32, 8)
@@ -109,6 +112,10 @@ def test_resume_takes_the_saved_worker_count_unless_another_is_given():
     ("auto", True, None, "fp16"),                                    # no probe: never guess bf16
     ("bf16", False, None, "bf16"),
     ("fp32", True, {"cuda": True, "bf16_native": True}, "fp32"),
+    ("auto", False, {"cpu_bf16_native": True}, "bf16"),              # Zen 4, Sapphire Rapids
+    ("auto", False, {"cpu_bf16_native": False}, "fp32"),             # Zen 3, Ice Lake: bf16 on a slow path
+    ("auto", True, {"cuda": True, "bf16_native": False, "cpu_bf16_native": True}, "fp16"),  # the GPU decides
+    ("fp32", False, {"cpu_bf16_native": True}, "fp32"),
 ])
 def test_precision_is_decided_from_what_the_workers_gpu_has(requested, use_gpu, probe, chosen):
     assert choose_precision(requested, use_gpu, probe) == chosen

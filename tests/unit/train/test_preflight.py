@@ -25,5 +25,15 @@ def test_bf16_only_when_every_worker_has_it_natively():
     a10g = probe(cuda=True, bf16_native=True, gpu_name="NVIDIA A10G")
     t4 = probe(cuda=True, bf16_native=False, gpu_name="Tesla T4")
     assert gpu_probe([a10g, a10g])["bf16_native"] is True
-    assert gpu_probe([a10g, t4]) == {"cuda": True, "bf16_native": False, "gpus": ["NVIDIA A10G", "Tesla T4"]}
+    assert gpu_probe([a10g, t4]) == {"cuda": True, "bf16_native": False, "gpus": ["NVIDIA A10G", "Tesla T4"],
+                                     "cpu_bf16_native": False, "cpus": []}
     assert gpu_probe([])["cuda"] is False
+
+
+def test_cpu_bf16_only_when_every_workers_cpu_has_it_natively():
+    zen4 = probe(cpu_model="AMD EPYC 9R14", cpu_bf16_native=True)
+    zen3 = probe(cpu_model="AMD EPYC 7R13", cpu_bf16_native=False)
+    assert gpu_probe([zen4, zen4])["cpu_bf16_native"] is True
+    assert gpu_probe([zen4, zen3])["cpu_bf16_native"] is False  # one slow worker would hold back every step
+    assert gpu_probe([zen4, zen3])["cpus"] == ["AMD EPYC 7R13", "AMD EPYC 9R14"]
+    assert gpu_probe([probe()])["cpu_bf16_native"] is False  # a probe without the key: never guess bf16

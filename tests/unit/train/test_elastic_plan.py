@@ -35,6 +35,7 @@ def test_num_workers_range_in_yaml_and_bad_spellings(tmp_path):
 def test_a_range_plans_accumulation_per_world_size_and_one_schedule():
     cfg = JobConfig.from_preset("tiny")
     cfg.train.num_workers, cfg.train.global_batch_size, cfg.train.micro_batch_size = (1, 2), 16, 8
+    cfg.train.max_steps = None  # one epoch (the tiny preset fixes its steps)
     plan = plan_batch(cfg, {"chunks_train": 1001, "chunks_valid": 10}, plan_workers(cfg, cap(2)))
     assert plan.elastic and plan.scaling_workers() == (1, 2)
     assert plan.accumulation == {1: 2, 2: 1}  # micro 8 x workers x accum = 16 on both sizes
