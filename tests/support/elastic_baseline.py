@@ -36,7 +36,10 @@ def elastic_args(corpus: Path, out: Path) -> list[str]:
             "--tokenizer-train-files", "40", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
             "--global-batch-size", str(GLOBAL), "--micro-batch-size", str(MICRO), "--max-steps", str(MAX_STEPS),
             "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "2",
-            "--valid-fraction", "0.1", "--no-gpu", "--report-to", "none"]
+            "--valid-fraction", "0.1", "--no-gpu", "--report-to", "none",
+            # fp32 on every CPU: precision auto is bf16 only where the CPU has it, and the
+            # baseline's losses must hold wherever the test runs
+            "--precision", "fp32"]
 
 
 def corpus(root: Path) -> Path:
