@@ -94,7 +94,9 @@ def test_cli_rejects_a_deepspeed_config_that_does_not_parse(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(700)
 def test_too_many_workers_and_an_empty_corpus_fail_before_training(tmp_path):
-    r = run_cli(["--preset", "tiny", "--num-workers", "64", "--output", str(tmp_path / "o1")], timeout=330)
+    # (micro-batch 1: 64 workers keep the global batch of 64, so the CPU check is what refuses them)
+    r = run_cli(["--preset", "tiny", "--num-workers", "64", "--micro-batch-size", "1",
+                 "--output", str(tmp_path / "o1")], timeout=330)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "error: train.num_workers=64: needs 16 CPUs" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o1" / "data").exists()  # rejected before the data stage
@@ -220,10 +222,13 @@ def test_logged_learning_rate_is_the_cosine_schedule_at_every_step(submitted_run
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
+    from training.config import JobConfig
+
     out, _ = submitted_run
     logged = {e["step"]: e["learning_rate"] for e in events(out) if e["event"] == "log" and "learning_rate" in e}
     assert sorted(logged) == list(range(1, 8))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)  # tiny preset's peak
+    peak = JobConfig.from_preset("tiny").train.learning_rate
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=7)
     for step in range(1, 8):  # HF logs the rate the step's update used: the schedule before its s-th step
         assert logged[step] == pytest.approx(sched.get_last_lr()[0], rel=1e-6, abs=1e-12), step
