@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import JobConfig
-from tests.support.elastic_baseline import BASELINE, GLOBAL, MAX_STEPS, MICRO, elastic_args
+from tests.support.elastic_baseline import BASELINE, GLOBAL, MAX_STEPS, MICRO, PEAK_LR, elastic_args
 from tests.support.fake_cluster import start_fake_cluster
 
 pytestmark = pytest.mark.slow
@@ -165,7 +164,7 @@ def test_an_elastic_run_shrinks_when_a_node_dies_and_grows_back(elastic_cluster,
     assert starts == sorted(starts) and run["steps"] == MAX_STEPS == run["max_steps"]
 
     # One schedule: every rate logged, in any attempt, is the cosine curve's at that step.
-    rates = cosine_rates(MAX_STEPS, 2, JobConfig.from_preset("tiny").train.learning_rate)  # the preset's peak
+    rates = cosine_rates(MAX_STEPS, 2, PEAK_LR)
     logged = [e for e in ev if e["event"] == "log" and "learning_rate" in e]
     assert {e["step"] for e in logged} == set(range(1, MAX_STEPS + 1))
     for e in logged:
