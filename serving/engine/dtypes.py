@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Literal, Optional
 
+from training.train.cpu_features import bf16_native, read_cpuinfo
+
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def resolve_dtype(requested: str, device: str, *, compute_capability: Optional[tuple[int, int]] = None,
@@ -27,19 +28,12 @@ def resolve_dtype(requested: str, device: str, *, compute_capability: Optional[t
         return requested
     if device == "cuda":
         return "bfloat16" if compute_capability is not None and compute_capability >= (8, 0) else "float16"
-    return "bfloat16" if set(cpu_flags) & set(BF16_CPU_FLAGS) else "float32"
+    return "bfloat16" if bf16_native(cpu_flags) else "float32"
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (the first processor's `flags` line; empty where there is none)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    """The CPU's feature flags (training/train/cpu_features.py reads them for both stages)."""
+    return set(read_cpuinfo(str(cpuinfo))["flags"])
 
 
 def vllm_cpu_problem(flags: Iterable[str]) -> Optional[str]:
