@@ -85,10 +85,13 @@ def smoke_generate(model_dir: str | Path, prompt: str = "def fibonacci(n):", max
     next line's indentation ("\n   " + " return"), so a prompt ending in a bare "\n" hands the
     model a token it saw only before blank or unindented lines, and a small model answers with
     blank lines (benchmarks/tiny_sweep.py counts both ways)."""
-    from transformers import pipeline
+    from transformers import GenerationConfig, pipeline
 
     gen = pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir), device="cpu")
-    out = gen(prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    # One GenerationConfig rather than keyword arguments, and no clean-up of spaces (a BPE
+    # decodes its own spaces): both otherwise cost a transformers warning in the job's output.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=gen.tokenizer.eos_token_id)
+    out = gen(prompt, generation_config=config, clean_up_tokenization_spaces=False)
     return out[0]["generated_text"]
 
 
