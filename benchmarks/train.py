@@ -14,7 +14,9 @@ Each run also reports where a step's time goes (`step_ms`: data, forward, backwa
 optimizer, callbacks, other; benchmarks/step_profile.py), and, unless `--weak-scaling off`,
 the weak-scaling efficiency: tokens/s of N workers with 1 core each over N x the tokens/s of
 one worker with 1 core (each worker's threads pinned to a core of its own, the same
-micro-batch per worker), the figure that carries to many nodes.
+micro-batch per worker), the figure that carries to many nodes, with the machine's own ceiling
+for it beside (`hardware_ceiling`: the same single-thread work on N pinned cores at once over
+N x alone).
 
 Runs `--repeats` pairs (all single-process runs first: no fork after Ray starts), pairs
 them in order and prints one JSON line with every pair, the median ratio and its range.
@@ -139,8 +141,48 @@ def distributed(cfg, prepared, workers: int, output: str) -> tuple[dict, dict]:
     return summary, {"tokens_per_s": steady, "step_ms": step}
 
 
+def _core_load(core: int, seconds: float, queue) -> None:
+    """One thread pinned to `core`: a training step's two kinds of work in turn (a matmul, and a
+    log-softmax over a logits-sized tensor, which is memory-bound); puts rounds per second."""
+    import torch
+
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    a, b, logits = torch.randn(512, 512), torch.randn(512, 512), torch.randn(4096, 2048)
+    t0, rounds = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        torch.log_softmax(logits, -1)
+        rounds += 1
+    queue.put(rounds / (time.perf_counter() - t0))
+
+
+def hardware_scaling(workers: int, seconds: float = 4.0) -> float | None:
+    """The machine's own ceiling for weak scaling: the same single-thread work on N pinned cores
+    at once over N x on one core alone. Cores that share an execution unit (SMT siblings behind
+    a VM's vCPUs) or a memory bus show here, with no Ray, DeepSpeed or gloo in the way."""
+    import multiprocessing as mp
+
+    cores = sorted(os.sched_getaffinity(0))[:workers]
+    if len(cores) < workers:
+        return None
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for group in ([cores[0]], cores):
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_core_load, args=(c, seconds, queue)) for c in group]
+        for p in procs:
+            p.start()
+        rates[len(group)] = sum(queue.get() for _ in procs)
+        for p in procs:
+            p.join()
+    return round(rates[len(cores)] / (len(cores) * rates[1]), 3)
+
+
 def weak_scaling(cfg, prepared, workers: int, out: Path) -> dict:
-    """N workers x 1 core against one worker x 1 core, each pinned to its own core."""
+    """N workers x 1 core against one worker x 1 core, each pinned to its own core; beside it,
+    the machine's ceiling for the same comparison (`hardware_scaling`)."""
+    ceiling = hardware_scaling(workers)
     os.environ[PIN_ENV] = "1"
     try:
         _, one = distributed(cfg, prepared, 1, str(out / "weak_1"))
@@ -148,7 +190,8 @@ def weak_scaling(cfg, prepared, workers: int, out: Path) -> dict:
     finally:
         os.environ.pop(PIN_ENV, None)
     eff = round(n["tokens_per_s"] / (workers * one["tokens_per_s"]), 3) if n["tokens_per_s"] and one["tokens_per_s"] else None
-    return {"workers": workers, "efficiency": eff, "one_worker_tokens_per_s": one["tokens_per_s"],
+    return {"workers": workers, "efficiency": eff, "hardware_ceiling": ceiling,
+            "one_worker_tokens_per_s": one["tokens_per_s"],
             "n_workers_tokens_per_s": n["tokens_per_s"], "one_worker_step_ms": one["step_ms"],
             "n_workers_step_ms": n["step_ms"]}
 
