@@ -85,7 +85,11 @@ def body(config: dict[str, Any], run: dict[str, Any], stats: dict[str, Any],
          evaluation: Optional[dict[str, Any]], name: str) -> str:
     d, m, t = config.get("data", {}), config.get("model", {}), config.get("train", {})
     filters = [f for f, on in (("exact-duplicate removal", d.get("dedup")),
-                               ("CodeParrot quality filters", d.get("quality_filter"))) if on]
+                               (f"near-duplicate removal (MinHash, Jaccard >= {d.get('near_dedup')})", d.get("near_dedup")),
+                               (f"the `{d.get('clean')}` cleaning recipe (seed {d.get('clean_seed', 0)})", d.get("clean")),
+                               ("CodeParrot quality filters", d.get("quality_filter") and not d.get("clean"))) if on]
+    if d.get("licenses"):
+        filters.append("licences " + ", ".join(f"`{x}`" for x in d["licenses"]))
     if d.get("keywords"):
         filters.append("keyword filter (" + ", ".join(d["keywords"]) + ")")
     skipped = ", ".join(f"{k}: {v}" for k, v in (stats.get("files_skipped") or {}).items()) or "none"

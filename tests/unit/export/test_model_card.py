@@ -9,11 +9,13 @@ from training.config import JobConfig
 from training.export.model_card import read_metadata, render, write_model_card
 
 
-def run_folder(tmp_path, tiny_checkpoint, corpus="huggingface-course/codeparrot-ds-train", fim_rate=None):
+def run_folder(tmp_path, tiny_checkpoint, corpus="huggingface-course/codeparrot-ds-train", fim_rate=None, **data):
     """A run folder with the files the job writes, shaped as the job writes them."""
     cfg = JobConfig.from_preset("tiny")
     if fim_rate is not None:
         cfg.data.fim_rate = fim_rate
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
     cfg.data.corpus, cfg.data.dedup, cfg.data.keywords = corpus, True, ["pandas", "sklearn"]
     out = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, out / "model")
@@ -50,6 +52,18 @@ def test_card_has_hub_metadata_and_every_section(tmp_path, tiny_checkpoint):
                  "| final eval loss | 3.7200 |", "2 CPU worker(s), DeepSpeed ZeRO stage 2", "5845.2 tokens/s",
                  "Not evaluated yet"):
         assert fact in text, fact
+
+
+def test_the_card_names_the_whole_data_recipe(tmp_path, tiny_checkpoint):
+    """Near dedup, the cleaning recipe with its seed and the licence filter shape what the model
+    saw: a reader of the card must be able to rebuild the data from it."""
+    out = run_folder(tmp_path, tiny_checkpoint, near_dedup=0.85, clean="codeparrot", clean_seed=7,
+                     licenses=["mit", "apache-2.0"])
+    text = write_model_card(out).read_text()
+    for fact in ("exact-duplicate removal", "near-duplicate removal (MinHash, Jaccard >= 0.85)",
+                 "the `codeparrot` cleaning recipe (seed 7)", "licences `mit`, `apache-2.0`"):
+        assert fact in text, fact
+    assert "CodeParrot quality filters" not in text  # the recipe includes them: not named twice
 
 
 def test_a_local_corpus_is_not_claimed_as_a_hub_dataset(tmp_path, tiny_checkpoint):
