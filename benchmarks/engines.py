@@ -66,7 +66,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> No
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
+            rc = proc.returncode  # a signal's name says more than -4 (SIGILL: a kernel this CPU lacks)
+            how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with {rc}"
+            raise RuntimeError(f"server {how} before it was healthy")
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
                 if r.status == 200:
