@@ -7,9 +7,9 @@ has no GPU path), and on CPUs with native bf16 (avx512_bf16 / amx_bf16, where th
 dtype auto is bf16) for models of VLLM_MIN_PARAMS parameters or more. Elsewhere the native
 engine, which also starts in seconds where vLLM compiles for minutes on a small CPU. Why
 (benchmarks/RESULTS.md, "Engines"; docs/serving.md): on the tiny model the native engine was
-the faster one at every concurrency on both CPUs measured; on the gpt2-small shape vLLM was
-faster only where it could compute in bf16, and in fp32 on an AVX2-only CPU the two engines
-were level while vLLM took minutes more to start. The threshold lies between the two shapes
+the faster one at every concurrency on both CPUs measured; on the gpt2-small shape `vllm
+serve` was faster where it computed in bf16 (issue 20's AMX CPU), and in fp32 on an AVX2-only
+CPU the two engines of this service were level while vLLM took minutes more to start. The threshold lies between the two shapes
 measured; the crossover in bf16 itself was not measured. The driver's CPU stands for the
 replicas' nodes (on a cluster whose nodes differ, say --engine).
 A replica of the vLLM engine on a GPU asks for one GPU; it computes in bf16 where the GPU has it.
