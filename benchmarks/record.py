@@ -95,6 +95,12 @@ def headline(r: dict) -> str:
     elif name == "tiny_sweep":
         keys = ["precision", "best", "best_final_eval_loss", "best_looks_like_code", "best_looks_like_code_healed",
                 "wall_s"]
+    elif name == "engines":
+        keys = ["models", "dtypes", "requests_per_worker", "failed_requests"] + [
+            f"ratios.{k}" for k in r.get("ratios", {})]
+    elif name == "bf16_agreement":
+        keys = ["checkpoint_source", "prompts", "tokens", "token_agreement", "prefix_agreement",
+                "identical_completions", "teacher_forced_agreement", "meets_target"]
     elif name == "fim":
         keys = ["model", "runs.fim_rate_0.final_eval_loss_l2r", "runs.fim_rate_0.5.final_eval_loss_l2r",
                 "l2r_eval_loss_delta", "problems"]

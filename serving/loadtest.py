@@ -74,7 +74,8 @@ class Client:
                 if data == b"[DONE]":
                     break
                 event = json.loads(data)
-                if first is None and event.get("text"):
+                # /complete's events carry "text"; /v1/completions' carry it per choice
+                if first is None and (event.get("text") or any(c.get("text") for c in event.get("choices") or ())):
                     first = time.perf_counter() - t0
                 final = event
             resp.read()  # the chunked terminator, so the connection can be reused

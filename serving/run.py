@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from serving.deployment.engine_choice import choose_engine, cluster_gpus, model_params, replica_gpus, vllm_installed
+    from serving.deployment.engine_choice import (choose_engine, cluster_gpus, cpu_has_native_bf16, model_params,
+                                                  replica_gpus, vllm_installed)
     from serving.deployment.replica import Completer, deploy_options, key_env
     from training.ray_utils import init_ray
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
               "start it with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start ...` on every node", file=sys.stderr)
         return 2
     try:
-        engine = choose_engine(cfg.engine, cluster_gpus(), vllm_installed(), model_params(str(checkpoint)))
+        engine = choose_engine(cfg.engine, cluster_gpus(), vllm_installed(), model_params(str(checkpoint)),
+                               cpu_has_native_bf16())
     except ValueError as e:
         print(f"error: --engine: {e}", file=sys.stderr)
         return 2

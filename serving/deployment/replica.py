@@ -30,7 +30,8 @@ from ray import serve
 from app.api import build_app
 from app.auth import api_key_from_env
 from serving.deployment.allocator import keep_freed_memory
-from serving.deployment.engine_choice import choose_engine, cluster_gpus, model_params, replica_gpus, vllm_installed
+from serving.deployment.engine_choice import (choose_engine, cluster_gpus, cpu_has_native_bf16, model_params,
+                                              replica_gpus, vllm_installed)
 from serving.engine.engine import check_checkpoint
 from serving.engine.engines import open_engine
 from serving.engine.params import Delta, SamplingParams
@@ -202,7 +203,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     args["checkpoint"] = str(check_checkpoint(Path(args["checkpoint"]).expanduser().resolve()))
     gpus = cluster_gpus()
     args["engine"] = choose_engine(str(args.get("engine", DEFAULTS.engine)), gpus, vllm_installed(),
-                                   model_params(args["checkpoint"]))
+                                   model_params(args["checkpoint"]), cpu_has_native_bf16())
     num_gpus = replica_gpus(args["engine"], args.pop("num_gpus", DEFAULTS.num_gpus), gpus)
     if num_gpus:
         return Completer.options(ray_actor_options={"num_cpus": DEFAULTS.num_cpus, "num_gpus": num_gpus}).bind(**args)

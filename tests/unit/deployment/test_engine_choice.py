@@ -46,19 +46,20 @@ def test_a_cpu_vllm_cannot_use_fails_with_one_line():
     assert line and "\n" not in line and "--engine native" in line
 
 
-GPT2_SMALL_SHAPE = 12 * 12 * 768 ** 2 + (4096 + 1024) * 768  # issue 20's: vLLM faster on CPU
+GPT2_SMALL_SHAPE = 12 * 12 * 768 ** 2 + (4096 + 1024) * 768  # issue 20's: vLLM faster on a bf16 CPU
 TINY_SHAPE = 12 * 2 * 128 ** 2 + (8000 + 128) * 128          # the tiny preset: native faster
 
 
-@pytest.mark.parametrize("requested,gpus,has_vllm,params,want", [
-    ("auto", 4, True, TINY_SHAPE, "vllm"),             # GPUs: the native engine has no GPU path
-    ("auto", 0, True, TINY_SHAPE, "native"),
-    ("auto", 0, True, GPT2_SMALL_SHAPE, "vllm"),
-    ("auto", 4, False, GPT2_SMALL_SHAPE, "native"),    # not installed
-    ("native", 4, True, GPT2_SMALL_SHAPE, "native"), ("vllm", 0, True, TINY_SHAPE, "vllm"),
+@pytest.mark.parametrize("requested,gpus,has_vllm,params,cpu_bf16,want", [
+    ("auto", 4, True, TINY_SHAPE, False, "vllm"),             # GPUs: the native engine has no GPU path
+    ("auto", 0, True, TINY_SHAPE, True, "native"),
+    ("auto", 0, True, GPT2_SMALL_SHAPE, True, "vllm"),        # bf16 CPU: vLLM computes in bf16
+    ("auto", 0, True, GPT2_SMALL_SHAPE, False, "native"),     # fp32 CPU: level speed, vLLM starts slower
+    ("auto", 4, False, GPT2_SMALL_SHAPE, True, "native"),     # not installed
+    ("native", 4, True, GPT2_SMALL_SHAPE, True, "native"), ("vllm", 0, True, TINY_SHAPE, False, "vllm"),
 ])
-def test_engine_choice(requested, gpus, has_vllm, params, want):
-    assert choose_engine(requested, gpus, has_vllm, params) == want
+def test_engine_choice(requested, gpus, has_vllm, params, cpu_bf16, want):
+    assert choose_engine(requested, gpus, has_vllm, params, cpu_bf16) == want
 
 
 def test_the_model_size_is_read_from_the_checkpoint(tmp_path):
