@@ -72,7 +72,7 @@ def plan_rows(batch: pa.Table, near: bool) -> pa.Table:
     Files with fewer than minhash.MIN_TOKENS tokens get no signature (never near-dups)."""
     sigs: list[Optional[bytes]] = [None] * batch.num_rows
     if near:
-        sets = [minhash.tokens(t) for t in batch.column("content").to_pylist()]
+        sets = [minhash.token_set(t) for t in batch.column("content").to_pylist()]
         big = [i for i, s in enumerate(sets) if len(s) >= minhash.MIN_TOKENS]
         if big:
             for i, sig in zip(big, minhash.signatures([sets[i] for i in big])):
@@ -245,13 +245,15 @@ def _resolve_parts(*parts: pa.Table) -> pa.Table:
     return resolve_bucket(pa.concat_tables(parts) if parts else KEYED.empty_table())
 
 
-def _pick_block(block: pa.Table, wanted: set[str]) -> pa.Table:
-    return block.filter(pa.array([h in wanted for h in block.column("content_hash").to_pylist()]))
+def _pick_blocks(wanted: set[str], *blocks: pa.Table) -> pa.Table:
+    picked = [b.filter(pa.array([h in wanted for h in b.column("content_hash").to_pylist()], pa.bool_()))
+              for b in blocks]
+    return pa.concat_tables(picked) if picked else PLAN.empty_table()
 
 
 _partition = _remote(_partition_block)
 _resolve = _remote(_resolve_parts)
-_pick = _remote(_pick_block)
+_pick = _remote(_pick_blocks)
 
 
 def _resolve_near(refs: list[Any], pairs: set[tuple[str, str]], threshold: float) -> tuple[list[dict], dict]:
@@ -262,7 +264,10 @@ def _resolve_near(refs: list[Any], pairs: set[tuple[str, str]], threshold: float
         import ray
 
         wanted_ref = ray.put(set(wanted))
-        for batch in ray.get([_pick.remote(ref, wanted_ref) for ref in refs]):
+        # A few blocks per task, as in the shuffle: one task per block cost more in task
+        # launches than the filtering itself.
+        per = max(1, -(-len(refs) // (2 * MAP_TASKS_PER_BUCKET)))
+        for batch in ray.get([_pick.remote(wanted_ref, *refs[i:i + per]) for i in range(0, len(refs), per)]):
             for split, path, h, sig in zip(*(batch.column(c).to_pylist() for c in PLAN.names)):
                 if h not in nodes or (split, path) < nodes[h][:2]:
                     nodes[h] = (split, path, np.frombuffer(sig, dtype="<u4"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 
 import pytest
 
@@ -65,3 +67,22 @@ def test_filters_run_in_order_quality_then_keywords():
 def test_dedup_hash_ignores_whitespace_only():
     assert content_hash("def f():\n    return 1\n") == content_hash("def f():\r\n\treturn 1")
     assert content_hash("def f():\n    return 1\n") != content_hash("def f():\n    return 2\n")
+
+
+def _regex_content_hash(text: str) -> str:
+    """The definition content_hash's fast paths must keep: blake2b of re.sub(r"\\s+", "")."""
+    stripped = re.sub(r"\s+", "", text)
+    return hashlib.blake2b(stripped.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def test_dedup_hash_is_the_regex_definition_on_every_code_point():
+    # Every code point between letters, so a whitespace one that a fast path kept (or a
+    # character it dropped) changes the hash; lone surrogates included (surrogatepass).
+    # The whole range is one non-ASCII text; each ASCII one alone takes the ASCII path.
+    every = "".join(f"a{chr(cp)}" for cp in range(0x110000))
+    assert content_hash(every) == _regex_content_hash(every)
+    for cp in range(128):
+        text = f"x{chr(cp)}y"
+        assert text.isascii() and content_hash(text) == _regex_content_hash(text), hex(cp)
+    for text in ("", " \t\n", "def f():\r\n\treturn 1\x0b\x0c\x1c\x1d\x1e\x1f", "x = 'é'\u00a0\u2028y\u3000", "\ud800 a"):
+        assert content_hash(text) == _regex_content_hash(text)

@@ -31,9 +31,19 @@ def test_tokens_are_codeparrots_get_tokens(texts):
         assert minhash.tokens(t) == {w for w in CODEPARROT_NON_ALPHA.split(t) if len(w.strip()) > 0}
 
 
+def test_token_set_is_tokens_in_utf8_bytes(texts):
+    # What pass 1 runs: the same pieces as the regex, non-ASCII letters and lone surrogates
+    # being separators in both.
+    for t in texts + ["", "a", "  x=1\n\ty_2 = x+1 # é ü\n", "naïve_név = ünï + 1", "a\ud800b c", "日本語 x"]:
+        assert minhash.token_set(t) == {w.encode("utf-8") for w in minhash.tokens(t)}
+
+
 def test_signatures_are_datasketchs_minhash_bit_for_bit(texts):
     sets = [minhash.tokens(t) for t in texts] + [set(f"tok{i}" for i in range(40_000)), {"only"}]
     sigs = minhash.signatures(sets)  # the 40k-token set spans several numpy steps
+    # In a batch next to each other, small files share steps and the big one spans several.
+    as_bytes = minhash.signatures([{t.encode("utf-8") for t in s} for s in sets[-2:] + sets[:-2]])
+    assert np.array_equal(as_bytes, np.concatenate([sigs[-2:], sigs[:-2]]))
     for s, sig in zip(sets, sigs):
         m = MinHash(num_perm=256)
         m.update_batch([t.encode("utf-8") for t in s])
