@@ -72,7 +72,7 @@ def plan_rows(batch: pa.Table, near: bool) -> pa.Table:
     Files with fewer than minhash.MIN_TOKENS tokens get no signature (never near-dups)."""
     sigs: list[Optional[bytes]] = [None] * batch.num_rows
     if near:
-        sets = [minhash.token_set(t) for t in batch.column("content").to_pylist()]
+        sets = [minhash.tokens(t) for t in batch.column("content").to_pylist()]
         big = [i for i, s in enumerate(sets) if len(s) >= minhash.MIN_TOKENS]
         if big:
             for i, sig in zip(big, minhash.signatures([sets[i] for i in big])):

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from typing import Collection, Sequence
 
 import numpy as np
 
-NON_ALPHA = re.compile("[^A-Za-z_0-9]")
-# The non-empty pieces between NON_ALPHA characters are exactly the maximal runs of
-# identifier characters; findall builds them without the empty strings split makes.
-_TOKEN = re.compile("[A-Za-z_0-9]+")
-# The same pieces on UTF-8 bytes: every byte that is not [A-Za-z_0-9] becomes a space and
-# bytes.split() cuts there. A non-ASCII character's bytes are all >= 0x80, so it separates
-# exactly as it does in the regex; the tokens come out as the UTF-8 bytes sha1 hashes.
+# CodeParrot's tokens are the non-empty pieces between characters outside [A-Za-z_0-9]
+# (its regex `[^A-Za-z_0-9]`). Cut on the UTF-8 bytes: every byte that is not [A-Za-z_0-9]
+# becomes a space and bytes.split() cuts there. A non-ASCII character's bytes are all >= 0x80,
+# so it separates exactly as it does in the regex; the tokens come out as the UTF-8 bytes
+# sha1 hashes.
 _TOKEN_BYTES = bytes(c if chr(c).isascii() and (chr(c).isalnum() or chr(c) == "_") else 0x20 for c in range(256))
 MIN_TOKENS = 10
 NUM_PERM = 256
@@ -42,14 +39,10 @@ _FMIX = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE
 _MAX = np.uint32(0xFFFFFFFF)
 
 
-def tokens(code: str) -> set[str]:
-    """CodeParrot's `get_tokens`: the set of non-empty pieces between non-identifier chars."""
-    return set(_TOKEN.findall(code))
-
-
-def token_set(code: str) -> set[bytes]:
-    """`tokens(code)`, each encoded in UTF-8 (what the signature hashes), built with two C
-    calls on the bytes instead of a regex over the text: pass 1 runs this on every file."""
+def tokens(code: str) -> set[bytes]:
+    """CodeParrot's `get_tokens` (the set of non-empty pieces between non-identifier chars),
+    each in UTF-8 (what the signature hashes), built with two C calls on the bytes instead of
+    a regex over the text: pass 1 runs this on every file."""
     return set(code.encode("utf-8", "surrogatepass").translate(_TOKEN_BYTES).split())
 
 
@@ -84,20 +77,17 @@ def _sha1_32(t: bytes) -> int:
     return h
 
 
-def token_hashes(toks: Collection[str] | Collection[bytes]) -> np.ndarray:
-    """sha1's first 4 bytes, little endian (datasketch's sha1_hash32), as uint32. Tokens
-    are str (encoded here) or UTF-8 bytes (token_set)."""
-    keys = [t.encode("utf-8", "surrogatepass") for t in toks] if toks and isinstance(next(iter(toks)), str) \
-        else list(toks)
-    vals = list(map(_CACHE.get, keys))
+def token_hashes(toks: Collection[bytes]) -> np.ndarray:
+    """sha1's first 4 bytes, little endian (datasketch's sha1_hash32), as uint32."""
+    vals = list(map(_CACHE.get, toks))
     if None in vals:
-        vals = [_sha1_32(t) if v is None else v for t, v in zip(keys, vals)]
+        vals = [_sha1_32(t) if v is None else v for t, v in zip(toks, vals)]
     return np.array(vals, dtype=np.uint32)
 
 
-def signatures(token_sets: Sequence[set[str] | set[bytes]], num_perm: int = NUM_PERM, seed: int = SEED) -> np.ndarray:
-    """(n, num_perm) uint32 signatures; an empty set gets all 0xFFFFFFFF (datasketch's empty).
-    Sets of str (`tokens`) or of their UTF-8 bytes (`token_set`) give the same signature."""
+def signatures(token_sets: Sequence[set[bytes]], num_perm: int = NUM_PERM, seed: int = SEED) -> np.ndarray:
+    """(n, num_perm) uint32 signatures of UTF-8 token sets (`tokens`); an empty set gets all
+    0xFFFFFFFF (datasketch's empty)."""
     a, b = permutations(num_perm, seed)
     out = np.full((len(token_sets), num_perm), _MAX, dtype=np.uint32)
     scratch = np.empty((_STEP_TOKENS, num_perm), dtype=np.uint32)

@@ -26,38 +26,34 @@ def texts() -> list[str]:
     return [f.read_text(encoding="utf-8") for f in stdlib_files(12)]
 
 
-def test_tokens_are_codeparrots_get_tokens(texts):
-    for t in texts + ["", "a", "  x=1\n\ty_2 = x+1 # é ü\n", "__init__(self)"]:
-        assert minhash.tokens(t) == {w for w in CODEPARROT_NON_ALPHA.split(t) if len(w.strip()) > 0}
-
-
-def test_token_set_is_tokens_in_utf8_bytes(texts):
-    # What pass 1 runs: the same pieces as the regex, non-ASCII letters and lone surrogates
-    # being separators in both.
-    for t in texts + ["", "a", "  x=1\n\ty_2 = x+1 # é ü\n", "naïve_név = ünï + 1", "a\ud800b c", "日本語 x"]:
-        assert minhash.token_set(t) == {w.encode("utf-8") for w in minhash.tokens(t)}
+def test_tokens_are_codeparrots_get_tokens_in_utf8(texts):
+    # The same pieces as CodeParrot's regex, non-ASCII letters and lone surrogates being
+    # separators in both.
+    for t in texts + ["", "a", "  x=1\n\ty_2 = x+1 # é ü\n", "__init__(self)", "naïve_név = ünï + 1",
+                      "a\ud800b c", "日本語 x"]:
+        assert minhash.tokens(t) == {w.encode("utf-8") for w in CODEPARROT_NON_ALPHA.split(t) if len(w.strip()) > 0}
 
 
 def test_signatures_are_datasketchs_minhash_bit_for_bit(texts):
-    sets = [minhash.tokens(t) for t in texts] + [set(f"tok{i}" for i in range(40_000)), {"only"}]
+    sets = [minhash.tokens(t) for t in texts] + [{f"tok{i}".encode() for i in range(40_000)}, {b"only"}]
     sigs = minhash.signatures(sets)  # the 40k-token set spans several numpy steps
     # In a batch next to each other, small files share steps and the big one spans several.
-    as_bytes = minhash.signatures([{t.encode("utf-8") for t in s} for s in sets[-2:] + sets[:-2]])
-    assert np.array_equal(as_bytes, np.concatenate([sigs[-2:], sigs[:-2]]))
+    reordered = minhash.signatures(sets[-2:] + sets[:-2])
+    assert np.array_equal(reordered, np.concatenate([sigs[-2:], sigs[:-2]]))
     for s, sig in zip(sets, sigs):
         m = MinHash(num_perm=256)
-        m.update_batch([t.encode("utf-8") for t in s])
+        m.update_batch(list(s))
         assert np.array_equal(m.hashvalues, sig)
     a, b = MinHash(num_perm=256), MinHash(num_perm=256)
-    a.update_batch([t.encode() for t in sets[0]])
-    b.update_batch([t.encode() for t in sets[1]])
+    a.update_batch(list(sets[0]))
+    b.update_batch(list(sets[1]))
     assert minhash.jaccard(sigs[0], sigs[1]) == a.jaccard(b)
 
 
 def test_band_layout_is_datasketchs_lsh_and_equal_bands_share_keys():
     lsh = MinHashLSH(threshold=0.85, num_perm=256)
     assert minhash.lsh_bands(0.85) == (lsh.b, lsh.r) == (13, 19)
-    sig = minhash.signatures([{f"t{i}" for i in range(50)}])[0]
+    sig = minhash.signatures([{f"t{i}".encode() for i in range(50)}])[0]
     other = sig.copy()
     other[0] ^= 1  # only band 0 differs
     ka, kb = minhash.band_keys(sig, 13, 19), minhash.band_keys(other, 13, 19)
