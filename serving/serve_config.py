@@ -117,16 +117,18 @@ def rows_in_flight(max_batch_size: int, max_queued: int) -> Optional[int]:
 def serve_queue_limits(max_batch_size: int, max_queued: int) -> dict[str, int]:
     """Ray Serve's own limits for the deployment, around the replica's gate.
 
-    max_ongoing_requests is above the gate's capacity, so that a request past capacity still
-    reaches the replica and gets its fast JSON 503 (rejecting takes a millisecond; a full batch
-    more covers a burst of them). max_queued_requests bounds what waits in front of the
-    replicas (at the proxy / handle) for the moment a burst outruns even the rejections: it
-    only buffers arrivals for the replica to answer, so it is a few times the capacity;
-    past it Serve's proxy answers 503 + Retry-After itself (with a plain-text body)."""
+    max_ongoing_requests is well above the gate's capacity: a request past capacity must reach
+    the replica to get its fast JSON 503, and one that Serve holds back instead waits in the
+    router for a slot that only a finished request frees. With a slot margin of one batch, a
+    burst's refusals queued there behind each other (a 512-request burst's slowest refusal took
+    15 s, its replica-side handling 2.5 s), so the replica takes as many requests as Serve
+    would buffer: rejecting one costs the replica a coroutine and a millisecond.
+    max_queued_requests bounds what waits in front of the replicas (at the proxy / handle)
+    beyond that; past it Serve's proxy answers 503 + Retry-After itself (plain-text body)."""
     capacity = rows_in_flight(max_batch_size, max_queued)
     if capacity is None:  # no bound asked for: Serve's defaults (queue without limit)
         return {"max_ongoing_requests": max_batch_size, "max_queued_requests": -1}
-    return {"max_ongoing_requests": capacity + max_batch_size, "max_queued_requests": 4 * capacity}
+    return {"max_ongoing_requests": 5 * capacity, "max_queued_requests": 4 * capacity}
 
 
 DEFAULTS = ServeConfig()  # the service's defaults, for whoever needs one of them
