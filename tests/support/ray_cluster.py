@@ -69,17 +69,24 @@ class LocalRayHead:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:  # up means: the job API answers (it comes last, after GCS and raylet)
-                req = urllib.request.Request(f"{self.dashboard_url}/api/version",
-                                             headers={"Authorization": f"Bearer {self.token}"})
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    if r.status == 200:
-                        return self
+            try:  # up means: the job API answers and the head's raylet is registered with the GCS
+                if self._node_alive():
+                    return self
             except Exception:
                 pass
             time.sleep(1)
         self.stop()
         raise TimeoutError(f"Ray head not up in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def _node_alive(self) -> bool:
+        """Whether the State API lists an ALIVE node. The job API alone came up before the
+        raylet had registered on a loaded box, and a driver joining then failed with "No node
+        info found matching attributes"."""
+        req = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=10",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            nodes = json.loads(r.read())["data"]["result"]["result"]
+        return any(n.get("state") == "ALIVE" for n in nodes)
 
     def cli(self, *args: str, timeout: float = 600, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
         """Run a `ray` subcommand against this head (e.g. `job submit`)."""
