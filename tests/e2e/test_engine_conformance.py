@@ -1,15 +1,18 @@
 """One API conformance suite, run against both engines (native and vLLM) on the same FIM
-checkpoint, each behind the real app under a real uvicorn: what /complete and /v1/completions
-promise (greedy text, streaming, n and seeds, best_of, echo and logprobs, stop strings and
-tokens, suffix / FIM, vLLM's sampling fields, the error contract, auth) holds whichever engine
-runs. Greedy completions in fp32 are held to the native engine's own, token for token."""
+checkpoint, each behind the real app: the native engine under a real uvicorn, vLLM in the
+project's own Ray Serve replica deployed from serving/config.yaml as shipped with `engine:
+vllm` (its AsyncLLM's engine process spawned from the Ray actor; one vLLM start serves the
+suite and the replica's checks). What /complete and /v1/completions promise (greedy text,
+streaming, n and seeds, best_of, echo and logprobs, stop strings and tokens, suffix / FIM,
+vLLM's sampling fields, the error contract, auth) holds whichever engine runs. Greedy
+completions in fp32 are held to the native engine's own, token for token."""
 
 from __future__ import annotations
 
 import pytest
 import requests
 
-from tests.support.engines import open_serving, served
+from tests.support.engines import VLLM_APP, open_native, served, vllm_replica
 from tests.support.streams import sse_events
 
 pytestmark = pytest.mark.slow
@@ -21,12 +24,25 @@ PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
 
 @pytest.fixture(scope="module", params=["native", "vllm"])
 def api(request, tiny_fim_checkpoint):
-    serving = open_serving(request.param, tiny_fim_checkpoint)
+    """(URL, model name, the engine's stats()) of the service on that engine."""
+    if request.param == "vllm":
+        from ray import serve
+
+        with vllm_replica(tiny_fim_checkpoint, api_key=KEY) as url:
+            yield url, model_name(url), lambda: serve.get_app_handle(VLLM_APP).stats.remote().result(timeout_s=30)
+        return
+    serving = open_native(tiny_fim_checkpoint)
     try:
         with served(serving, api_key=KEY) as url:
-            yield url, serving
+            yield url, serving.model_name, serving.stats
     finally:
         serving.shutdown()
+
+
+def model_name(url: str) -> str:
+    r = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["data"][0]["id"]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +52,9 @@ def reference(fim_engine):
 
 
 def post(api, path, body, key=KEY):
-    url, serving = api
+    url, model, _ = api
     if path == "/v1/completions":
-        body = {"model": serving.model_name, **body}
+        body = {"model": model, **body}
     return requests.post(url + path, json=body, timeout=120,
                          headers={"Authorization": f"Bearer {key}"} if key else {})
 
@@ -136,3 +152,16 @@ def test_the_error_contract(api, path, body, key, status, field):
     assert r.json()["error"]["code"] == status
     if field:
         assert r.json()["error"]["field"] == field
+
+
+def test_the_engine_counted_the_suites_requests_and_holds_no_rows(api, reference):
+    """Last in the module: after every request above, none is still decoding, and the engine
+    counted its work (vLLM: finished requests; native: decode steps)."""
+    url, model, stats = api
+    assert model == reference.model_name  # the same checkpoint behind both
+    s = stats()
+    assert s["live_rows"] == 0, s
+    if "requests" in s:  # vLLM's replica
+        assert s["requests"] >= 10, s
+    else:
+        assert s["steps"] > 0, s

