@@ -120,9 +120,9 @@ def serve_queue_limits(max_batch_size: int, max_queued: int) -> dict[str, int]:
     max_ongoing_requests is well above the gate's capacity: a request past capacity must reach
     the replica to get its fast JSON 503, and one that Serve holds back instead waits in the
     router for a slot that only a finished request frees. With a slot margin of one batch, a
-    burst's refusals queued there behind each other (a 512-request burst's slowest refusal took
-    15 s, its replica-side handling 2.5 s), so the replica takes as many requests as Serve
-    would buffer: rejecting one costs the replica a coroutine and a millisecond.
+    burst's refusals queued there behind each other, each waiting for the one before it to be
+    answered, so the replica takes as many requests as Serve would buffer: rejecting one
+    costs the replica a coroutine and a millisecond.
     max_queued_requests bounds what waits in front of the replicas (at the proxy / handle)
     beyond that; past it Serve's proxy answers 503 + Retry-After itself (plain-text body)."""
     capacity = rows_in_flight(max_batch_size, max_queued)

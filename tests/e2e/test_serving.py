@@ -319,11 +319,11 @@ def test_a_burst_of_10x_capacity_is_answered_or_refused_fast(service):
     on an idle machine. Both limits below leave room for the 2-core box running the burst's
     512 clients, the proxy and the replica at once: a refusal within 10 s, or, on a box so
     loaded that the burst's very first answer takes longer than 3 s, within 3x that first
-    answer (the refusals waiting in Serve's router for a slot took 15 s where the first
-    answer took 3)."""
+    answer (refusals held back in Serve's router for a slot came back long after the first
+    answer, each behind the one before: serving/serve_config.py's serve_queue_limits)."""
     import asyncio
 
-    import aiohttp  # not httpx: its pool, at 512 connections, made the client the slowest part
+    import aiohttp  # not httpx: its pool, at 512 connections, made the client the burst's slowest part
 
     n, tokens = 512, 32
     body = {"model": "tiny", "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "stream": True}
