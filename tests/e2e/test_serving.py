@@ -29,7 +29,7 @@ from ray import serve
 from app.schemas import MAX_BODY_BYTES
 from serving.engine.plugins import PLUGINS_ENV
 from serving.loadtest import Client, run_load, summarize
-from tests.support.servers import free_port, wait_running
+from tests.support.servers import free_port, serve_deployed
 from tests.support import REPO_ROOT
 from tests.support.fuzzer import fuzz
 from tests.support import engine_faults
@@ -38,7 +38,6 @@ pytestmark = pytest.mark.slow
 
 CONFIG = REPO_ROOT / "serving" / "config.yaml"
 API_KEY = "test-key-4c1d"
-APPS = ("complete", "secure")
 POISON = "#poison-4c1d#"  # a prompt containing this fails while decoding (tests/support/engine_faults.py)
 
 
@@ -60,23 +59,8 @@ def config_for(checkpoint: Path, port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint):
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    port = free_port()
-    schema = ServeDeploySchema.model_validate(config_for(tiny_checkpoint, port))
-    # address="local": a private cluster even if another one is running on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    try:
-        # What `serve run serving/config.yaml` does: start Serve with the config's HTTP
-        # options, then hand the whole config to the controller.
-        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-        client.deploy_apps(schema)
-        wait_running(APPS, timeout_s=400)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_deployed(config_for(tiny_checkpoint, free_port()), num_cpus=4) as url:
+        yield url
 
 
 def post(url: str, path: str, body: dict, **kw) -> requests.Response:

@@ -54,19 +54,14 @@ def vllm_replica(checkpoint, api_key: Optional[str] = None, max_batch_size: int 
     actor) behind the app; COMPLETE_API_KEY in its runtime env when api_key is given. fp32,
     as the native engine computes; without torch.compile (minutes on 2 cores, same tokens).
     Yields the HTTP proxy's URL; the replica's stats() are `serve.get_app_handle(VLLM_APP)`'s."""
-    import ray
     import yaml
-    from ray import serve
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
 
     from tests.support import REPO_ROOT
-    from tests.support.servers import free_port, wait_running
+    from tests.support.servers import free_port, serve_deployed
 
     vllm_ready()
-    port = free_port()
     cfg = yaml.safe_load((REPO_ROOT / "serving" / "config.yaml").read_text())
-    cfg["http_options"]["port"] = port
+    cfg["http_options"]["port"] = free_port()
     app = cfg["applications"][0]
     assert app["name"] == VLLM_APP
     app["args"].update(checkpoint=str(checkpoint), engine="vllm", dtype="float32", vllm_eager=True,
@@ -74,18 +69,11 @@ def vllm_replica(checkpoint, api_key: Optional[str] = None, max_batch_size: int 
     app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     if api_key:
         app["runtime_env"] = {"env_vars": {"COMPLETE_API_KEY": api_key}}
-    schema = ServeDeploySchema.model_validate(cfg)
     before = vllm_engine_processes()
-    # address="local": a private cluster even if another one is running on this machine.
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
     try:
-        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-        client.deploy_apps(schema)
-        wait_running((VLLM_APP,), timeout_s=400)
-        yield f"http://127.0.0.1:{port}"
+        with serve_deployed(cfg, num_cpus=3) as url:
+            yield url
     finally:
-        serve.shutdown()
-        ray.shutdown()
         assert_engines_gone(before)
 
 

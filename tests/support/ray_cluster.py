@@ -69,7 +69,7 @@ class LocalRayHead:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:  # up means: the job API answers and the head's raylet is registered with the GCS
+            try:  # up means: the dashboard's State API lists the head's raylet as ALIVE
                 if self._node_alive():
                     return self
             except Exception:

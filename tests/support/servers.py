@@ -1,5 +1,5 @@
 """Real servers on 127.0.0.1 for tests: a free port, an ASGI app under uvicorn, the app in-process,
-waiting for Serve apps to run."""
+a Serve config deployed the way `serve run` deploys it."""
 
 from __future__ import annotations
 
@@ -44,6 +44,30 @@ def local_client(engine):
     from serving.local import LocalBackend
 
     return TestClient(build_app(LocalBackend(engine)), raise_server_exceptions=False)
+
+
+@contextlib.contextmanager
+def serve_deployed(cfg: dict, num_cpus: int, timeout_s: float = 400) -> Iterator[str]:
+    """A Serve config file's contents (a dict) deployed on a private Ray cluster started in
+    this process, as `serve run CONFIG` does it: Serve started with the config's HTTP options,
+    then the whole config handed to the controller. Yields the proxy's URL once every
+    application is RUNNING; shuts Serve and Ray down after."""
+    import ray
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(cfg)
+    # address="local": a private cluster even if another one is running on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+        client.deploy_apps(schema)
+        wait_running(tuple(app.name for app in schema.applications), timeout_s)
+        yield f"http://127.0.0.1:{schema.http_options.port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def wait_running(names: tuple[str, ...], timeout_s: float) -> None:
