@@ -129,11 +129,16 @@ class DataConfig:
     max_files: Optional[int] = None
     """Read at most this many corpus files (None: all). For quick runs."""
 
-    tokenizer_actors: int = 1
-    """Size of the Ray Data actor pool that tokenizes. Each takes one logical CPU."""
+    tokenizer_actors: int = 2
+    """Size of the Ray Data actor pool that reads, filters and tokenizes (at most one per
+    block). Each takes up to one logical CPU and encodes on its share of its node's cores;
+    two keep both cores of a small machine busy, where one actor left a core idle while it
+    read and wrote between its encode calls."""
 
-    batch_rows: int = 64
-    """Files per `map_batches` batch in the tokenizing stage."""
+    batch_rows: int = 256
+    """Files per `map_batches` batch in the tokenizing stage (a folder corpus: one block per
+    batch). Larger batches spread Ray Data's per-block cost over more files; smaller ones
+    spread a small corpus over more actors."""
 
     fim_rate: float = 0.0
     """Fraction of training chunks rewritten for fill-in-the-middle (prefix/suffix/middle with

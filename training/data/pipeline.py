@@ -90,9 +90,7 @@ def prepare_data(cfg: JobConfig) -> PreparedData:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tok_seconds = prepare_tokenizer(d, corpus, out.tokenizer_dir)
 
-    from training.ray_utils import init_ray
-
-    init_ray()
+    start_ray()
     inputs = [(corpus, None if valid is None else splitting.TRAIN)] + ([(valid, splitting.VALID)] if valid else [])
     ledger = Ledger.remote()
     with lost_worker_guard():
@@ -142,13 +140,20 @@ def chunk_dataset(corpus: Optional[str], tokenizer_dir: str | Path, data_cfg: Da
     if data_cfg.licenses and not may_have_licenses(c):  # scoring another corpus than the run's
         print(f"data: {c.describe()} has no licence column; reading it without data.licenses", flush=True)
         data_cfg = dataclasses.replace(data_cfg, licenses=[])
-    from training.ray_utils import init_ray
-
-    init_ray()  # a no-op when Ray is already up
+    start_ray()
     plan = plan_dedup([(c, None)], data_cfg, Path(tokenizer_dir))  # runs pass 1 now: the stream is lazy, the plan is not
     return build_chunks([(c, None)], Path(tokenizer_dir), data_cfg, keep_split=False,
                         only_split=None if split == "all" else split,
                         drops=None if plan is None else ray_put(plan.drops))
+
+
+def start_ray() -> None:
+    """Join the cluster Ray is on (the job's, RAY_ADDRESS), else start a local one for the
+    data stage alone, without the dashboard: only Ray Train needs its State API, and on a
+    2-core machine its processes took CPU from the stage (benchmarks/RESULTS.md)."""
+    from training.ray_utils import init_ray
+
+    init_ray(include_dashboard=False)
 
 
 def data_fingerprint(d: DataConfig, corpus: sources.Corpus, valid: Optional[sources.Corpus]) -> str:
@@ -279,6 +284,9 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
 
     if d.dedup and drops is None:
         raise ValueError("data.dedup is on: build_chunks needs the plan's drops (plan_dedup)")
+    blocks = folder_blocks(inputs, d.batch_rows)
+    if blocks is not None and blocks < d.tokenizer_actors:  # an actor with no block only costs its start
+        d = dataclasses.replace(d, tokenizer_actors=blocks)
     actors = d.tokenizer_actors
     actor_cpus = cpu_plan(actors)
     stage = {"batch_format": "pyarrow", "num_cpus": actor_cpus}  # same args => fused into the actors
@@ -296,6 +304,14 @@ def build_chunks(inputs: list[tuple[sources.Corpus, Optional[str]]], tokenizer_d
                                "write_dir": None if write_dir is None else str(write_dir),
                                "fim": {"rate": d.fim_rate, "spm_rate": d.fim_spm_rate, "seed": d.fim_seed}
                                if fim else None})
+
+
+def folder_blocks(inputs: list[tuple[sources.Corpus, Optional[str]]], batch_rows: int) -> Optional[int]:
+    """How many blocks the stream has (one per batch of files, see _rows), where it is known
+    before reading: for folder corpora; None for tables and hub data sets."""
+    if any(c.kind != "folder" for c, _ in inputs):
+        return None
+    return sum(max(1, math.ceil(len(c.files) / batch_rows)) for c, _ in inputs)
 
 
 def file_rows(inputs: list[tuple[sources.Corpus, Optional[str]]], d: DataConfig, ledger: Any,
@@ -354,7 +370,7 @@ def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
         root = Path(c.root)
         items = [{"file": f, "path": Path(f).relative_to(root).as_posix()} for f in c.files]
         # One block per batch: small files would otherwise become one read task each.
-        blocks = max(1, min(len(items), math.ceil(len(items) / d.batch_rows)))
+        blocks = folder_blocks([(c, None)], d.batch_rows)
         return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             keyed(sources.read_py_batch, "read"),
             fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)
@@ -418,5 +434,5 @@ def ray_get_counts(ledger: Any) -> dict[str, int]:
     return ray.get(ledger.get.remote())
 
 
-__all__ = ["LostWorkerError", "build_chunks", "chunk_dataset", "layout", "prepare_data", "staging_dir",
+__all__ = ["LostWorkerError", "build_chunks", "chunk_dataset", "layout", "prepare_data", "staging_dir", "start_ray",
            "write_splits"]
