@@ -1,6 +1,6 @@
 """Benchmark: the data stage (dedup off / exact / exact + near) vs the course recipe's `datasets.map`.
 
-    python benchmarks/data_stage.py [--corpus PATH | --scale 10] [--modes off,exact,near] [--chunking truncate|pack]
+    python benchmarks/data_stage.py [--corpus PATH | --scale 10] [--modes off,exact,near] [--chunking truncate|pack] [--repeats N]
 
 Both sides start from the same corpus files on disk, use the same tokenizer (trained
 once, outside the timings) and keep only full 128-token chunks:
@@ -8,7 +8,7 @@ once, outside the timings) and keep only full 128-token chunks:
 - the course recipe (`seed_*` in the JSON): read the files, `datasets.Dataset.from_dict`,
   then the course's `tokenizer(..., truncation=True, max_length=128, return_overflowing_tokens=True,
   return_length=True)` in `Dataset.map(batched=True, num_proc=cores)` keeping length==128.
-- ours, once per mode: `init_ray()` (Ray start-up is timed), then `prepare_data`'s stream:
+- ours, once per mode: `start_ray()` as `prepare_data` starts it (Ray start-up is timed), then its stream:
   with dedup, the plan pass (training/data/dedup.py), then read, split, drop, tokenize in
   the actor pool, writing train/valid Parquet shards. `near` is exact + near dedup at 0.85.
 - floor: Ray start-up plus an identity actor-pool stage over the same number of blocks:
@@ -17,8 +17,9 @@ once, outside the timings) and keep only full 128-token chunks:
 `--scale N` builds a corpus N times the standard library's bytes from the .py files of the
 installed packages (site-packages, sorted walk, symlinked into a temporary folder).
 
-Peak memory is the largest sum of RSS over this process and all its descendants (the
-local Ray cluster: GCS, raylet, workers, object store; or datasets' worker processes),
+Peak memory is the largest sum of RSS over the process that runs a side and all its
+descendants (ours: this process and the local Ray cluster: GCS, raylet, workers, object
+store; the course recipe's: a spawned process of its own and datasets' worker processes),
 sampled every 0.2 s. RSS counts shared pages (the object store) once per process that maps
 them, so it overstates; it is what `top` would add up.
 
@@ -30,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -131,12 +134,23 @@ def read_texts(corpus, max_bytes: int) -> tuple[list[str], float]:
     return texts, time.perf_counter() - t0
 
 
+def course_side(corpus_path: str | None, max_bytes: int, tokenizer_dir: Path, context_length: int,
+                num_proc: int) -> dict:
+    """The course recipe's whole side (read + tokenize), measured in the process it runs in."""
+    from training.data.sources import resolve_corpus
+
+    corpus = resolve_corpus(corpus_path)
+    with PeakRSS() as mem:
+        texts, read_s = read_texts(corpus, max_bytes)
+        chunks, seconds = seed_way(texts, tokenizer_dir, context_length, num_proc)
+    return {"files": len(texts), "chunks": chunks, "seconds": seconds + read_s, "peak_rss": mem.peak}
+
+
 def our_way(corpus_path: str, tokenizer_dir: Path, data: dict, mode: str, workdir: Path) -> dict:
     import ray
 
     from training.config import JobConfig
-    from training.data.pipeline import prepare_data
-    from training.ray_utils import init_ray
+    from training.data.pipeline import prepare_data, start_ray
 
     cfg = JobConfig(output=str(workdir))
     for k, v in {**data, "corpus": corpus_path, "tokenizer": str(tokenizer_dir),
@@ -144,7 +158,7 @@ def our_way(corpus_path: str, tokenizer_dir: Path, data: dict, mode: str, workdi
         setattr(cfg.data, k, v)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        init_ray()
+        start_ray()
         t_ray = time.perf_counter() - t0
         stats = prepare_data(cfg).stats
         seconds = time.perf_counter() - t0
@@ -168,10 +182,10 @@ def ray_floor(blocks: int) -> dict:
     """Ray start-up, then an identity actor-pool map_batches over `blocks` tiny blocks."""
     import ray
 
-    from training.ray_utils import init_ray
+    from training.data.pipeline import start_ray
 
     t0 = time.perf_counter()
-    init_ray()
+    start_ray()
     t_ray = time.perf_counter() - t0
     ds = ray.data.from_items([{"x": i} for i in range(blocks * 10)], override_num_blocks=blocks).map_batches(
         _Identity, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=10)
@@ -190,9 +204,11 @@ def main() -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: train one, untimed)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--chunking", default="truncate", choices=["truncate", "pack"])
-    p.add_argument("--actors", type=int, default=1, help="tokenizer actors (data.tokenizer_actors)")
-    p.add_argument("--batch-rows", type=int, default=64)
+    p.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: data.tokenizer_actors)")
+    p.add_argument("--batch-rows", type=int, default=None, help="files per batch (default: data.batch_rows)")
     p.add_argument("--num-proc", type=int, default=None, help="the course recipe's num_proc (default: cores)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of both sides, back to back; the ratios are the median of each run's pair")
     p.add_argument("--no-floor", action="store_true", help="skip the empty-stage floor run")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -212,7 +228,7 @@ def main() -> int:
             root, corpus_bytes = scaled_corpus(args.scale, work)
             corpus_path = str(root)
         data = dict(valid_fraction=0.0, vocab_size=args.vocab_size, chunking=args.chunking,
-                    tokenizer_actors=args.actors, batch_rows=args.batch_rows)
+                    tokenizer_actors=args.actors or DataConfig.tokenizer_actors, batch_rows=args.batch_rows or DataConfig.batch_rows)
         data_cfg = DataConfig(corpus=corpus_path, **data)
         try:
             corpus = resolve_corpus(corpus_path)
@@ -228,29 +244,41 @@ def main() -> int:
             data_cfg.tokenizer_train_files = 400
             prepare_tokenizer(data_cfg, corpus, tok_dir)
 
-        # The course recipe first: datasets.map forks, and forking a process that has run Ray
-        # (gRPC threads) is unsafe.
-        with PeakRSS() as seed_mem:
-            texts, read_s = read_texts(corpus, data_cfg.max_file_bytes)
-            seed_chunks, seed_s = seed_way(texts, tok_dir, data_cfg.context_length, args.num_proc or cores)
-        seed_s += read_s
-        ours = {m: our_way(corpus_path, tok_dir, data, m, work / f"out_{m}") for m in modes}
-        floor = None if args.no_floor else ray_floor(max(1, math.ceil(len(texts) / args.batch_rows)))
+        repeats = []  # (the course recipe's run, ours per mode), back to back
+        for i in range(args.repeats):
+            # The course recipe in a process of its own, first: datasets.map forks, and forking
+            # a process that has run Ray (gRPC threads) is unsafe; and the texts it holds, and
+            # the heap it grew, must not count in our side's peak memory.
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                seed = pool.apply(course_side, (corpus_path, data_cfg.max_file_bytes, tok_dir,
+                                                data_cfg.context_length, args.num_proc or cores))
+            repeats.append((seed, {m: our_way(corpus_path, tok_dir, data, m, work / f"out_{m}_{i}") for m in modes}))
+        floor = None if args.no_floor else ray_floor(max(1, math.ceil(seed["files"] / data["batch_rows"])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     ctx = data_cfg.context_length
-    seed_tps = seed_chunks * ctx / seed_s
+    # Each repeat's ratios pair the two sides of that repeat (the machine's spells move both).
+    runs = [{m: {"ratio": r["kept_tokens_per_s"] / (seed["chunks"] * ctx / seed["seconds"]),
+                 "time_ratio": seed["seconds"] / r["seconds"]} for m, r in ours.items()} for seed, ours in repeats]
+    seed_s = statistics.median(seed["seconds"] for seed, _ in repeats)
+    seed_chunks = repeats[0][0]["chunks"]
+    # Per mode, the run of median time; peak memory is the largest of any repeat.
+    ours = {m: dict(sorted((o[m] for _, o in repeats), key=lambda r: r["seconds"])[len(repeats) // 2],
+                    peak_rss_mb=max(o[m]["peak_rss_mb"] for _, o in repeats)) for m in modes}
     mb = (corpus_bytes or 0) / 1e6
     result = {
         "benchmark": "data_stage", "corpus": f"site-packages x{args.scale} of stdlib" if args.scale
-        else (corpus.describe() if args.corpus else "stdlib"), "files": len(texts), "corpus_mb": round(mb, 1),
-        "cores": cores, "chunking": args.chunking, "context_length": ctx, "actors": args.actors,
-        "seed_seconds": round(seed_s, 2), "seed_kept_tokens_per_s": round(seed_tps), "seed_chunks": seed_chunks,
-        "seed_peak_rss_mb": round(seed_mem.peak / 2**20), "modes": ours,
-        "ratio": {m: round(r["kept_tokens_per_s"] / seed_tps, 3) for m, r in ours.items()},
+        else (corpus.describe() if args.corpus else "stdlib"), "files": seed["files"], "corpus_mb": round(mb, 1),
+        "cores": cores, "chunking": args.chunking, "context_length": ctx, "actors": data["tokenizer_actors"],
+        "batch_rows": data["batch_rows"], "repeats": args.repeats,
+        "seed_seconds": round(seed_s, 2), "seed_kept_tokens_per_s": round(seed_chunks * ctx / seed_s),
+        "seed_chunks": seed_chunks, "seed_peak_rss_mb": round(max(seed["peak_rss"] for seed, _ in repeats) / 2**20),
+        "modes": ours,
+        "ratio": {m: round(statistics.median(r[m]["ratio"] for r in runs), 3) for m in modes},
         # Dedup keeps fewer chunks: the same corpus in less time is the fair speed ratio there.
-        "time_ratio": {m: round(seed_s / r["seconds"], 3) for m, r in ours.items()},
+        "time_ratio": {m: round(statistics.median(r[m]["time_ratio"] for r in runs), 3) for m in modes},
+        "ratio_runs": {m: [round(r[m]["ratio"], 3) for r in runs] for m in modes},
         "seconds_per_mb": {m: round(r["seconds"] / mb, 4) for m, r in ours.items()} if mb else None,
         "encoder": next(iter(ours.values()))["encoder"], "load_avg_1m": round(os.getloadavg()[0], 2),
     }
@@ -263,7 +291,7 @@ def main() -> int:
         result.update(ray_floor_seconds=round(floor["seconds"], 2),
                       best_ratio_possible=round(seed_s / floor["seconds"], 3))
     print(json.dumps(result))
-    if args.chunking == "truncate" and "off" in ours and ours["off"]["chunks"] != seed_chunks:
+    if args.chunking == "truncate" and "off" in ours and any(o["off"]["chunks"] != seed["chunks"] for seed, o in repeats):
         print("error: truncate-mode chunk counts differ from the course recipe's", file=sys.stderr)
         return 1
     return 0
