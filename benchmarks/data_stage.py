@@ -1,6 +1,6 @@
 """Benchmark: the data stage (dedup off / exact / exact + near) vs the course recipe's `datasets.map`.
 
-    python benchmarks/data_stage.py [--corpus PATH | --scale 10] [--modes off,exact,near] [--chunking truncate|pack] [--repeats N]
+    python benchmarks/data_stage.py [--corpus PATH | --scale 10] [--modes off,exact,near] [--chunking truncate|pack] [--repeats N] [--settle S]
 
 Both sides start from the same corpus files on disk, use the same tokenizer (trained
 once, outside the timings) and keep only full 128-token chunks:
@@ -209,6 +209,10 @@ def main() -> int:
     p.add_argument("--num-proc", type=int, default=None, help="the course recipe's num_proc (default: cores)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of both sides, back to back; the ratios are the median of each run's pair")
+    # Seen on this project's 2-core VMs: a run started right after another had freed a few GB
+    # (the course recipe's side peaks near 6 GB) ran 4-6 s slower, whichever side or mode it was.
+    p.add_argument("--settle", type=float, default=20.0,
+                   help="seconds of idle before each timed run, so no run starts in the last one's wake")
     p.add_argument("--no-floor", action="store_true", help="skip the empty-stage floor run")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -249,10 +253,15 @@ def main() -> int:
             # The course recipe in a process of its own, first: datasets.map forks, and forking
             # a process that has run Ray (gRPC threads) is unsafe; and the texts it holds, and
             # the heap it grew, must not count in our side's peak memory.
+            time.sleep(args.settle)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 seed = pool.apply(course_side, (corpus_path, data_cfg.max_file_bytes, tok_dir,
                                                 data_cfg.context_length, args.num_proc or cores))
-            repeats.append((seed, {m: our_way(corpus_path, tok_dir, data, m, work / f"out_{m}_{i}") for m in modes}))
+            ours = {}
+            for m in modes:
+                time.sleep(args.settle)
+                ours[m] = our_way(corpus_path, tok_dir, data, m, work / f"out_{m}_{i}")
+            repeats.append((seed, ours))
         floor = None if args.no_floor else ray_floor(max(1, math.ceil(seed["files"] / data["batch_rows"])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -271,7 +280,7 @@ def main() -> int:
         "benchmark": "data_stage", "corpus": f"site-packages x{args.scale} of stdlib" if args.scale
         else (corpus.describe() if args.corpus else "stdlib"), "files": seed["files"], "corpus_mb": round(mb, 1),
         "cores": cores, "chunking": args.chunking, "context_length": ctx, "actors": data["tokenizer_actors"],
-        "batch_rows": data["batch_rows"], "repeats": args.repeats,
+        "batch_rows": data["batch_rows"], "repeats": args.repeats, "settle_s": args.settle,
         "seed_seconds": round(seed_s, 2), "seed_kept_tokens_per_s": round(seed_chunks * ctx / seed_s),
         "seed_chunks": seed_chunks, "seed_peak_rss_mb": round(max(seed["peak_rss"] for seed, _ in repeats) / 2**20),
         "modes": ours,

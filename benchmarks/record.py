@@ -81,7 +81,7 @@ def headline(r: dict) -> str:
     elif name == "data_stage":  # benchmarks/data_stage.py since dedup
         keys = ["corpus", "corpus_mb", "files"] + [f"ratio.{m}" for m in ("off", "exact", "near")] + [
             f"modes.{m}.{k}" for m in ("off", "exact", "near") for k in ("seconds", "peak_rss_mb")] + [
-            "seed_seconds", "seed_peak_rss_mb", "near_share_of_time", "dedup_share_of_time"]
+            "seed_seconds", "seed_peak_rss_mb", "near_share_of_time", "dedup_share_of_time", "repeats", "ratio_runs"]
     elif name == "train":
         keys = ["precision", "steps", "repeats"] + [
             f"{v}.{k}" for v in ("eager", "compile") if v in r
