@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 MODES = ("truncate", "pack")
+ENCODE_CHARS = 1 << 20  # text per encoder call in TokenizeStage (its memory bound; see encode_arrays)
 
 
 def chunk_token_ids(token_id_lists: list[list[int]], context_length: int, mode: str,
@@ -158,8 +159,8 @@ class TokenizeStage:
         texts = batch.column("content").to_pylist()
         splits = batch.column("split").to_pylist()
         by_split: dict[str, list[np.ndarray]] = {}
-        for split, ids in zip(splits, self.encode(texts)):
-            by_split.setdefault(split, []).append(np.array(ids, dtype=np.int32))
+        for split, ids in zip(splits, self.encode_arrays(texts)):
+            by_split.setdefault(split, []).append(ids)
         counts: Counter = Counter()
         tables = []
         for split in sorted(by_split):
@@ -213,6 +214,22 @@ class TokenizeStage:
             manifest["rows"].append(table.num_rows)
             manifest["digest"].append(chunk_digest(chunks))
         return pa.table(manifest, schema=MANIFEST)
+
+    def encode_arrays(self, texts: list[str]) -> Iterator[np.ndarray]:
+        """Each text's ids as an int32 array, encoded in slices of about ENCODE_CHARS of text.
+
+        The encoders return Python lists, about 36 bytes per token (an int object and its
+        pointer) against 4 in the array: a batch encoded whole held about ten times its text
+        at once, so an actor's memory grew with the largest batch it met."""
+        start = 0
+        while start < len(texts):
+            end, size = start + 1, len(texts[start])
+            while end < len(texts) and size + len(texts[end]) <= ENCODE_CHARS:
+                size += len(texts[end])
+                end += 1
+            for ids in self.encode(texts[start:end]):
+                yield np.array(ids, dtype=np.int32)
+            start = end
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
