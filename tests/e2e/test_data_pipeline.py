@@ -174,7 +174,7 @@ def test_pack_mode_with_a_parquet_valid_corpus(prepared, small_corpus, tmp_path)
     valid_files = stdlib_files(50)[40:50]
     pq_file = write_codeparrot_parquet(tmp_path / "valid" / "v.parquet", valid_files)
     out = prepare_data(job(tmp_path / "out", corpus=str(small_corpus), valid_corpus=str(pq_file), chunking="pack",
-                           tokenizer=str(prepared.tokenizer_dir)))
+                           tokenizer=str(prepared.tokenizer_dir), tokenizer_actors=1))
     tok = load_tokenizer(out.tokenizer_dir)
     train = expected_chunks(good_files(small_corpus), tok, 0.0, mode="pack")["train"]
     valid = expected_chunks({f.name: f.read_text(encoding="utf-8") for f in valid_files}, tok, 0.0, mode="pack")["train"]

@@ -374,14 +374,17 @@ def _rows(c: sources.Corpus, d: DataConfig, ledger: Any, stage: dict) -> Any:
         return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             keyed(sources.read_py_batch, "read"),
             fn_kwargs={"max_bytes": d.max_file_bytes, "ledger": ledger}, **stage)
+    # The raw reads ask for the actors' CPU share too: what the actors leave is one such share
+    # (cpu_plan), so a default 1-CPU read task never fit beside 2 actors on 2 CPUs and stalled.
+    read = {"num_cpus": stage["num_cpus"]} if "num_cpus" in stage else {}
     if c.kind == "table":
         items = [{"file": f, "row_group": rg} for f, rg in c.units]
         raw = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_table_units, batch_size=1, fn_kwargs={"batch_rows": d.batch_rows, "positions": d.dedup},
-            batch_format="pyarrow")
+            batch_format="pyarrow", **read)
     else:
         raw = ray.data.from_items([{"shard": i} for i in range(c.shards)], override_num_blocks=c.shards).map_batches(
-            sources.read_hub_shards, batch_size=1, batch_format="pyarrow",
+            sources.read_hub_shards, batch_size=1, batch_format="pyarrow", **read,
             fn_kwargs={"location": c.location, "field_name": c.field, "batch_rows": d.batch_rows})
     if d.max_files and c.kind != "folder":
         raw = raw.limit(d.max_files)
