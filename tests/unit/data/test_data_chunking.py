@@ -89,3 +89,24 @@ def test_actor_keeps_splits_apart_in_pack_mode(tok_dir):
         stream = [i for t, s in zip(texts, splits) if s == split for i in tok(t)["input_ids"] + [tok.eos_token_id]]
         rows = [r for r, s in zip(table.column("input_ids").to_pylist(), table.column("split").to_pylist()) if s == split]
         assert rows == [stream[i * 64:(i + 1) * 64] for i in range(len(stream) // 64)]
+
+
+def test_actor_encodes_a_large_batch_in_slices_with_the_same_chunks(tok_dir, monkeypatch):
+    """A batch larger than ENCODE_CHARS is encoded in several calls (texts longer than a slice
+    alone included), and the chunks, in order, are those of one whole-batch call."""
+    import training.data.chunking as chunking
+
+    path, tok, texts = tok_dir
+    batch = pa.table({"content": texts, "split": ["train"] * len(texts)})
+
+    def run(limit: int) -> tuple[list, int]:
+        monkeypatch.setattr(chunking, "ENCODE_CHARS", limit)
+        stage = TokenizeStage(str(path / "tokenizer.json"), 128, "pack", tok.eos_token_id, threads=1)
+        calls, encode = [], stage.encode
+        stage.encode = lambda part: calls.append(len(part)) or encode(part)
+        return stage(batch).column("input_ids").to_pylist(), len(calls)
+
+    whole, one_call = run(sum(map(len, texts)))
+    sliced, calls = run(min(map(len, texts)) + max(map(len, texts)) // 2)
+    assert one_call == 1 and calls > 2
+    assert sliced == whole and len(whole) > 0
